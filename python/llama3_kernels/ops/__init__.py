@@ -1,0 +1,18 @@
+"""The op surface: each a torch custom op (CPU = fp32 reference, CUDA = compiled kernel when built)."""
+
+from llama3_kernels.ops.attention import decode_attention, flash_attention
+from llama3_kernels.ops.gemm import fp8_rowwise_mm
+from llama3_kernels.ops.norm import rms_norm, rms_norm_fp8
+from llama3_kernels.ops.quant import quantize_fp8_rowwise
+from llama3_kernels.ops.swiglu import swiglu, swiglu_fp8
+
+__all__ = [
+    "decode_attention",
+    "flash_attention",
+    "fp8_rowwise_mm",
+    "quantize_fp8_rowwise",
+    "rms_norm",
+    "rms_norm_fp8",
+    "swiglu",
+    "swiglu_fp8",
+]

@@ -1,0 +1,300 @@
+"""Flash attention (GQA, causal, padded or varlen/document-masked, log-sum-exp out) and KV-cache decode.
+
+Layout follows FlashAttention: padded q [B, S, Hq, D], k/v [B, Sk, Hkv, D]; packed varlen q [T, Hq, D]
+with int32 `cu_seqlens` [num_seqs + 1]. K/V heads are shared by Hq / Hkv query heads and never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from llama3_kernels import reference
+from llama3_kernels.ops._common import (
+    DTYPE_CODES,
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    check_same_device,
+    check_tensor,
+    kernel,
+    ptr,
+    sm_count,
+    stream,
+    use_cuda_kernel,
+)
+
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _kernel_ok(name: str, q: Tensor, *tensors: Tensor | None) -> bool:
+    return q.dtype in HALF_DTYPES and q.shape[-1] in KERNEL_HEAD_DIMS and use_cuda_kernel(name, q, *tensors)
+
+
+# ------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("llama3_kernels::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out like q, lse fp32: [B, Hq, S] padded or [Hq, T] varlen)."""
+    return reference.flash_attention(q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
+
+
+@flash_attn_fwd.register_kernel("cuda")
+def _flash_attn_fwd_cuda(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, softmax_scale):
+    if not _kernel_ok("flash_attn_fwd", q, k, v):
+        return reference.flash_attention(q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    varlen = cu_seqlens is not None
+    batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, q.shape[0]) if varlen else (batch, hq, q.shape[1]), dtype=torch.float32, device=q.device)
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
+    kernel("flash_attn_fwd")(
+        ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(cu_seqlens), ptr(cu_k),
+        batch, max_seqlen, max_seqlen_k, hq, hkv, d, bool(causal), float(softmax_scale),
+        DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
+    )  # fmt: skip
+    return out, lse
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, softmax_scale):
+    if cu_seqlens is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("llama3_kernels::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv); dk/dv are summed over the query heads that share each KV head."""
+    return reference.flash_attention_backward(dout, q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
+
+
+@flash_attn_bwd.register_kernel("cuda")
+def _flash_attn_bwd_cuda(
+    dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, softmax_scale, deterministic
+):
+    if not _kernel_ok("flash_attn_bwd", q, k, v, out, dout):
+        return reference.flash_attention_backward(dout, q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
+    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+    varlen = cu_seqlens is not None
+    batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
+    kernel("flash_attn_bwd")(
+        ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dq), ptr(dk), ptr(dv),
+        ptr(cu_seqlens), ptr(cu_k), batch, max_seqlen, max_seqlen_k, q.shape[0] if varlen else q.shape[1],
+        k.shape[0] if varlen else k.shape[1], hq, hkv, d, bool(causal), float(softmax_scale), bool(deterministic),
+        DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, softmax_scale, det):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, cu, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu, cu_k)
+    ctx.args = (max_q, max_k, causal, scale)
+
+
+def _flash_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu, cu_k = ctx.saved_tensors
+    max_q, max_k, causal, scale = ctx.args
+    det = torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu, cu_k, max_q, max_k, causal, scale, det)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("llama3_kernels::flash_attn_fwd", _flash_backward, setup_context=_flash_setup)
+
+
+@torch.library.custom_op("llama3_kernels::decode_attn", mutates_args=())
+def decode_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float) -> Tensor:
+    """q [B, Sq, Hq, D], caches [B, L, Hkv, D], cache_seqlens [B] int32 → out like q."""
+    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+
+
+@decode_attn.register_kernel("cuda")
+def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+    if not _kernel_ok("decode_attn", q, k_cache, v_cache) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+    q = q.contiguous()
+    b, sq, hq, d = q.shape
+    out = torch.empty_like(q)
+    kernel("decode_attn")(
+        ptr(q), ptr(k_cache), ptr(v_cache), ptr(cache_seqlens), ptr(out), b, sq, hq, k_cache.shape[2], d,
+        k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        float(softmax_scale), DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
+    )  # fmt: skip
+    return out
+
+
+@decode_attn.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+    return torch.empty_like(q)
+
+
+# ------------------------------------------------------------------------------------- public API
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int) -> None:
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=ndim)
+    check_tensor("k", k, dtypes=(q.dtype,), ndim=ndim)
+    check_tensor("v", v, dtypes=(q.dtype,), ndim=ndim)
+    check_same_device(q=q, k=k, v=v)
+    d, hq, hkv = q.shape[-1], q.shape[-2], k.shape[-2]
+    if d % 8 or not 0 < d <= 256:
+        raise ValueError(f"q: head dim must be a multiple of 8 in [8, 256], got {d}")
+    if k.shape[-1] != d or v.shape != k.shape:
+        raise ValueError(f"k, v: expected equal shapes with head dim {d}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"k: query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a unit stride in the head dim, got strides {t.stride()}")
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device) -> int:
+    """Validate cumulative sequence lengths; returns the longest sequence."""
+    check_tensor(name, cu, dtypes=(torch.int32,), ndim=1)
+    if cu.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {cu.device}")
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected at least one entry, got shape {tuple(cu.shape)}")
+    vals = cu.tolist()
+    if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total}, got {vals[:8]}…{vals[-1]}")
+    return max((b - a for a, b in zip(vals, vals[1:])), default=0)
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    return_lse: bool = False,
+    *,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_k: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact softmax attention with GQA, causal masks and packed documents. Differentiable.
+
+    Args:
+        q: [B, S, Hq, D] padded, or [T, Hq, D] packed with `cu_seqlens`. fp32, fp16 or bf16.
+        k, v: [B, Sk, Hkv, D] or [Tk, Hkv, D]; Hq must be a multiple of Hkv.
+        causal: mask keys after each query, aligned bottom-right when the key sequence is longer.
+        softmax_scale: defaults to 1 / sqrt(D).
+        cu_seqlens: int32 [N + 1] document offsets into q (and k unless `cu_seqlens_k` is given):
+            tokens attend only within their own document.
+        max_seqlen: longest document; computed (with a host sync) when omitted. Offsets are validated
+            only when it is omitted.
+        return_lse: also return the natural-log log-sum-exp, fp32 [B, Hq, S] or [Hq, T].
+        cu_seqlens_k, max_seqlen_k: separate key offsets (context parallelism: each query segment sees a
+            longer key segment of its document).
+    Returns:
+        out like q, or (out, lse).
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    varlen = cu_seqlens is not None
+    _check_qkv(q, k, v, 3 if varlen else 4)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale: expected a positive float, got {softmax_scale!r}")
+    if varlen:
+        if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: packed k needs T={q.shape[0]} tokens like q (or cu_seqlens_k), got {k.shape[0]}")
+        if max_seqlen is None:
+            max_seqlen = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
+        if cu_seqlens_k is not None:
+            if cu_seqlens_k.shape != cu_seqlens.shape:
+                raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens.shape)}, got {tuple(cu_seqlens_k.shape)}")
+            if max_seqlen_k is None:
+                max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], k.device)
+        max_seqlen_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+    else:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k: only valid together with cu_seqlens")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: expected batch {q.shape[0]} like q, got {k.shape[0]}")
+        max_seqlen, max_seqlen_k = q.shape[1], k.shape[1]
+    out, lse = flash_attn_fwd(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen), int(max_seqlen_k), causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    softmax_scale: float | None = None,
+) -> Tensor:
+    """Attention of a few new tokens per sequence against a KV cache that already holds them.
+
+    Args:
+        q: [B, Sq, Hq, D], the Sq newest tokens of each sequence.
+        k_cache, v_cache: [B, L, Hkv, D] (a batch-major cache; the head dim must have unit stride).
+        cache_seqlens: int32 [B], valid cache length per sequence, counting the new tokens; values must
+            lie in [Sq, L] (checked on CPU only: on GPU the check would cost a sync and break CUDA graphs).
+        softmax_scale: defaults to 1 / sqrt(D).
+    Returns:
+        [B, Sq, Hq, D] like q; new tokens are causal among themselves.
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("k_cache", k_cache, dtypes=(q.dtype,), ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), ndim=4)
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    b, sq, hq, d = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[-1] != d:
+        raise ValueError(
+            f"k_cache, v_cache: expected equal shapes [{b}, L, Hkv, {d}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if hq % k_cache.shape[2]:
+        raise ValueError(f"k_cache: query heads ({hq}) must be a multiple of KV heads ({k_cache.shape[2]})")
+    if cache_seqlens.shape[0] != b:
+        raise ValueError(f"cache_seqlens: expected shape ({b},), got {tuple(cache_seqlens.shape)}")
+    if q.device.type == "cpu" and b:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < sq or hi > k_cache.shape[1]:
+            raise ValueError(f"cache_seqlens: values must lie in [{sq}, {k_cache.shape[1]}], got [{lo}, {hi}]")
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    return decode_attn(q, k_cache, v_cache, cache_seqlens, scale)
