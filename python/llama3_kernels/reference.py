@@ -52,9 +52,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
 
 
-def swiglu_backward(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) of swiglu."""
     g, u, d = gate.float(), up.float(), dy.float()
     sig = torch.sigmoid(g)
@@ -191,6 +189,33 @@ def decode_attention(
     return torch.stack(outs).to(q.dtype) if outs else q.new_zeros(q.shape)
 
 
+def _attend_backward(q, k, v, dout, scale, causal):
+    """Gradients of `_attend` for one sequence, in fp32: (dq [Sq,Hq,D], dk [Sk,Hkv,D], dv [Sk,Hkv,D]).
+
+    dV = Pᵀ dO; dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)); dQ = dS K · scale; dK = dSᵀ Q · scale.
+    The G query heads of a KV head are stacked along the rows, so the matmuls sum dK/dV over the group.
+    """
+    sq, hq, d = q.shape
+    sk, hkv, _ = k.shape
+    group = hq // hkv
+    qf = q.float().permute(1, 0, 2).reshape(hkv, group * sq, d)  # [Hkv, G*Sq, D]
+    dof = dout.float().permute(1, 0, 2).reshape(hkv, group * sq, d)
+    kf, vf = k.float().permute(1, 0, 2), v.float().permute(1, 0, 2)  # [Hkv, Sk, D]
+    s = (qf @ kf.transpose(1, 2)) * scale  # [Hkv, G*Sq, Sk]
+    if causal:
+        i = torch.arange(sq, device=q.device).repeat(group)
+        j = torch.arange(sk, device=q.device)
+        s = s.masked_fill(j[None, :] > (i[:, None] + sk - sq), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+    o = p @ vf
+    dv = p.transpose(1, 2) @ dof
+    ds = p * ((dof @ vf.transpose(1, 2)) - (dof * o).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(1, 2) @ qf) * scale
+    return dq.reshape(hq, sq, d).permute(1, 0, 2), dk.permute(1, 0, 2), dv.permute(1, 0, 2)
+
+
 def flash_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -201,9 +226,17 @@ def flash_attention_backward(
     cu_seqlens: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of flash_attention, by differentiating the fp32 reference (dk/dv summed per GQA group)."""
-    with torch.enable_grad():
-        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-        out, _ = flash_attention(qf, kf, vf, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
-        dq, dk, dv = torch.autograd.grad(out, (qf, kf, vf), dout.float())
+    """(dq, dk, dv) of flash_attention in fp32, cast to the input dtypes; dk/dv summed per GQA group."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+    if cu_seqlens is None:
+        for b in range(q.shape[0]):
+            dq[b], dk[b], dv[b] = _attend_backward(q[b], k[b], v[b], dout[b], scale, causal)
+    else:
+        bq = cu_seqlens.tolist()
+        bk = (cu_seqlens if cu_seqlens_k is None else cu_seqlens_k).tolist()
+        for i in range(len(bq) - 1):
+            qs, ks = slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])
+            if bq[i + 1] > bq[i] and bk[i + 1] > bk[i]:
+                dq[qs], dk[ks], dv[ks] = _attend_backward(q[qs], k[ks], v[ks], dout[qs], scale, causal)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,488 @@
+"""The op surface on CPU: references against independent torch formulas, autograd, opcheck, bad inputs.
+
+Tolerances: fp32 paths compare to fp64 formulas at 1e-5 (a few fp32 ulps over reductions of ≤ 2K terms);
+16-bit outputs may differ from the fp64 formula by one rounding of their own format.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llama3_kernels as l3k
+from llama3_kernels import reference
+from llama3_kernels.ops.attention import decode_attn, flash_attn_bwd, flash_attn_fwd
+from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
+from llama3_kernels.ops.norm import rms_norm_bwd, rms_norm_fp8_fwd, rms_norm_fwd
+from llama3_kernels.ops.quant import quantize_fp8_rowwise_fwd
+from llama3_kernels.ops.swiglu import swiglu_bwd, swiglu_fp8_fwd, swiglu_fwd
+
+E4M3 = torch.float8_e4m3fn
+ODD_SHAPES = [(1, 760), (37, 1128), (199, 64)]
+
+
+def randn(gen, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def assert_close(actual, expected, atol, rtol=0.0, msg=""):
+    assert not torch.isnan(actual).any(), f"NaN in output {msg}"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=msg or None)
+
+
+def bf16_ulps(actual: torch.Tensor, expected_f64: torch.Tensor) -> float:
+    """Worst error in units of the bf16 spacing at the expected value."""
+    spacing = torch.clamp(expected_f64.abs(), min=2.0**-120).log2().floor().exp2() * 2.0**-7
+    return float(((actual.double() - expected_f64).abs() / spacing).max())
+
+
+# ------------------------------------------------------------------------------------------- rms_norm
+@pytest.mark.parametrize("m,n", ODD_SHAPES)
+def test_rms_norm_matches_torch(gen, m, n):
+    x, w = randn(gen, m, n), randn(gen, n)
+    y = l3k.rms_norm(x, w, eps=1e-5)
+    assert_close(y, F.rms_norm(x.double(), (n,), w.double(), eps=1e-5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m,n", ODD_SHAPES)
+def test_rms_norm_residual(gen, m, n):
+    x, r, w = randn(gen, 3, m, n), randn(gen, 3, m, n), randn(gen, n)
+    y, h = l3k.rms_norm(x, w, 1e-6, residual=r)
+    assert_close(h, x.double() + r.double(), atol=1e-6, rtol=1e-6)
+    assert_close(y, F.rms_norm(x.double() + r.double(), (n,), w.double(), eps=1e-6), atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_bf16_single_rounding(gen):
+    x, w = randn(gen, 37, 1128, dtype=torch.bfloat16), randn(gen, 1128, dtype=torch.bfloat16)
+    y = l3k.rms_norm(x, w)
+    assert y.dtype == torch.bfloat16
+    assert bf16_ulps(y, F.rms_norm(x.double(), (1128,), w.double(), eps=1e-5)) <= 1.0
+
+
+def test_rms_norm_strided_rows(gen):
+    base = randn(gen, 37, 2048)
+    x, w = base[:, 100:860], randn(gen, 760)  # row stride 2048, width 760
+    assert x.stride() == (2048, 1)
+    torch.testing.assert_close(l3k.rms_norm(x, w), l3k.rms_norm(x.contiguous(), w), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_grad(gen, with_residual):
+    m, n = 37, 760
+    x, r, w = (randn(gen, *s).requires_grad_() for s in ((m, n), (m, n), (n,)))
+    dy, dh = randn(gen, m, n), randn(gen, m, n)
+    if with_residual:
+        y, h = l3k.rms_norm(x, w, residual=r)
+        ((y * dy).sum() + (h * dh).sum()).backward()
+    else:
+        (l3k.rms_norm(x, w) * dy).sum().backward()
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    h64 = x64 + r64 if with_residual else x64
+    loss = (F.rms_norm(h64, (n,), w64, eps=1e-5) * dy.double()).sum()
+    if with_residual:
+        loss = loss + (h64 * dh.double()).sum()
+    loss.backward()
+    assert_close(x.grad, x64.grad, atol=1e-4, rtol=1e-5)
+    assert_close(w.grad, w64.grad, atol=1e-4, rtol=1e-5)
+    if with_residual:
+        assert_close(r.grad, r64.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_rms_norm_opcheck(gen):
+    x, r, w = randn(gen, 7, 96), randn(gen, 7, 96), randn(gen, 96)
+    torch.library.opcheck(rms_norm_fwd, (x, w, r, 1e-5))
+    torch.library.opcheck(rms_norm_fwd, (x.requires_grad_(), w.requires_grad_(), None, 1e-5))
+    _, _, rstd = rms_norm_fwd(x, w, None, 1e-5)
+    torch.library.opcheck(rms_norm_bwd, (randn(gen, 7, 96), x.detach(), w.detach(), rstd.detach(), None))
+    torch.library.opcheck(rms_norm_fp8_fwd, (x.detach(), w.detach(), r, 1e-5, 1200.0))
+
+
+def test_rms_norm_empty():
+    y, h = l3k.rms_norm(torch.empty(0, 64), torch.ones(64), residual=torch.empty(0, 64))
+    assert y.shape == (0, 64) and h.shape == (0, 64)
+
+
+@pytest.mark.parametrize(
+    "call,exc,name",
+    [
+        (lambda: l3k.rms_norm(torch.ones(4, 8, dtype=torch.int32), torch.ones(8)), TypeError, "x"),
+        (lambda: l3k.rms_norm(torch.ones(4, 8), torch.ones(7)), ValueError, "weight"),
+        (lambda: l3k.rms_norm(torch.ones(4, 8), torch.ones(8, 1)), ValueError, "weight"),
+        (lambda: l3k.rms_norm(torch.ones(4, 8), torch.ones(8), residual=torch.ones(4, 7)), ValueError, "residual"),
+        (
+            lambda: l3k.rms_norm(torch.ones(4, 8), torch.ones(8), residual=torch.ones(4, 8).half()),
+            TypeError,
+            "residual",
+        ),
+        (lambda: l3k.rms_norm(torch.ones(4, 8), torch.ones(8), eps=-1.0), ValueError, "eps"),
+        (lambda: l3k.rms_norm(torch.ones(8, 4).t(), torch.ones(8)), ValueError, "x"),
+        (lambda: l3k.rms_norm(torch.ones(4, 0), torch.ones(0)), ValueError, "x"),
+        (lambda: l3k.rms_norm("x", torch.ones(8)), TypeError, "x"),
+        (lambda: l3k.rms_norm_fp8(torch.ones(4, 8), torch.ones(8), amax_ub=0.0), ValueError, "amax_ub"),
+    ],
+)
+def test_rms_norm_bad_inputs(call, exc, name):
+    with pytest.raises(exc, match=rf"^{name}:"):
+        call()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    n=st.integers(1, 300),
+    pad=st.integers(0, 7),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rms_norm_property(rows, n, pad, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*rows, n + pad, generator=g)[..., pad:]  # non-contiguous rows when pad > 0
+    w = torch.randn(n, generator=g)
+    assert_close(l3k.rms_norm(x, w), F.rms_norm(x.double(), (n,), w.double(), eps=1e-5), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- swiglu
+@pytest.mark.parametrize("m,f", ODD_SHAPES)
+def test_swiglu_matches_torch(gen, m, f):
+    g, u = randn(gen, m, f, scale=3), randn(gen, m, f)
+    assert_close(l3k.swiglu(g, u), F.silu(g.double()) * u.double(), atol=1e-6, rtol=1e-6)
+    fused = torch.cat([g, u], dim=-1)
+    # strided halves may take another vectorized path: allow one fp32 rounding
+    torch.testing.assert_close(l3k.swiglu(fused), l3k.swiglu(g, u), atol=1e-7, rtol=2.5e-7)
+
+
+def test_swiglu_bf16_single_rounding(gen):
+    g, u = randn(gen, 37, 1128, dtype=torch.bfloat16, scale=4), randn(gen, 37, 1128, dtype=torch.bfloat16)
+    assert bf16_ulps(l3k.swiglu(g, u), F.silu(g.double()) * u.double()) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_swiglu_grad(gen, fused):
+    g, u, dy = randn(gen, 2, 37, 760, scale=3), randn(gen, 2, 37, 760), randn(gen, 2, 37, 760)
+    if fused:
+        gu = torch.cat([g, u], -1).requires_grad_()
+        (l3k.swiglu(gu) * dy).sum().backward()
+        dg, du = gu.grad.split(760, -1)
+    else:
+        g.requires_grad_(), u.requires_grad_()
+        (l3k.swiglu(g, u) * dy).sum().backward()
+        dg, du = g.grad, u.grad
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    (F.silu(g64) * u64 * dy.double()).sum().backward()
+    assert_close(dg, g64.grad, atol=1e-5, rtol=1e-5)
+    assert_close(du, u64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_opcheck(gen):
+    g, u = randn(gen, 7, 40), randn(gen, 7, 40)
+    torch.library.opcheck(swiglu_fwd, (g.requires_grad_(), u.requires_grad_()))
+    torch.library.opcheck(swiglu_bwd, (randn(gen, 7, 40), g.detach(), u.detach()))
+    torch.library.opcheck(swiglu_fp8_fwd, (g.detach(), u.detach(), 1200.0))
+
+
+@pytest.mark.parametrize(
+    "call,exc,name",
+    [
+        (lambda: l3k.swiglu(torch.ones(4, 7)), ValueError, "gate"),
+        (lambda: l3k.swiglu(torch.ones(4, 8), torch.ones(4, 7)), ValueError, "up"),
+        (lambda: l3k.swiglu(torch.ones(4, 8), torch.ones(4, 8).half()), TypeError, "up"),
+        (lambda: l3k.swiglu(torch.ones(4, 8, dtype=torch.long)), TypeError, "gate"),
+        (lambda: l3k.swiglu_fp8(torch.ones(4, 8), amax_ub=-1.0), ValueError, "amax_ub"),
+    ],
+)
+def test_swiglu_bad_inputs(call, exc, name):
+    with pytest.raises(exc, match=rf"^{name}:"):
+        call()
+
+
+def test_swiglu_empty():
+    assert l3k.swiglu(torch.empty(0, 16)).shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------------ fp8
+def independent_quantize(x: torch.Tensor, ub: float):
+    amax = x.double().abs().amax(-1)
+    scale = torch.maximum(
+        torch.minimum(amax, torch.tensor(ub, dtype=torch.float64)) / 448, torch.tensor(1 / (448 * 512))
+    )
+    return (x.double() / scale[..., None]).clamp(-448, 448).to(E4M3), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_scale_rule(gen, dtype):
+    x = randn(gen, 5, 1128, dtype=dtype)
+    x[1] *= 1000.0  # amax above 1200: bounded scale, clamped values
+    x[2] = 0.0  # zero row: zeros and the minimum scale
+    x[3] *= 1e-6  # tiny row: minimum scale
+    q, scale = l3k.quantize_fp8_rowwise(x)
+    q_ref, scale_ref = independent_quantize(x, 1200.0)
+    assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (5,)
+    assert_close(scale, scale_ref, atol=0, rtol=1e-7)
+    assert scale[1] == pytest.approx(1200 / 448) and scale[2] == pytest.approx(1 / (448 * 512))
+    assert (q[2].float() == 0).all() and not torch.isnan(q.float()).any()
+    assert q.float().abs().max() <= 448
+    # same e4m3 value, or a neighbour where fp32 and fp64 division straddle a rounding boundary
+    diff = (q.float() - q_ref.float()).abs()
+    assert (diff <= q_ref.float().abs() * 2**-3 + 2**-9).all() and (diff > 0).float().mean() < 1e-3
+
+
+def test_quantize_roundtrip_error(gen):
+    x = randn(gen, 37, 760)
+    q, s = l3k.quantize_fp8_rowwise(x)
+    # e4m3 keeps 3 mantissa bits: relative rounding ≤ 2^-4 for normals, absolute ≤ 2^-10 * scale below them
+    err = (reference.dequantize_fp8_rowwise(q, s) - x).abs()
+    assert (err <= x.abs() * 2**-4 + s[:, None] * 2**-10).all()
+
+
+def test_fused_fp8_forms(gen):
+    x, r, w = randn(gen, 37, 760), randn(gen, 37, 760), randn(gen, 760)
+    q, s, h = l3k.rms_norm_fp8(x, w, 1e-5, residual=r)
+    y = F.rms_norm((x + r).double(), (760,), w.double(), eps=1e-5)
+    q_ref, s_ref = independent_quantize(y, 1200.0)
+    assert_close(s, s_ref, atol=0, rtol=1e-6)
+    assert (q.float() != q_ref.float()).float().mean() < 1e-3
+    assert_close(h, x.double() + r.double(), atol=1e-6, rtol=1e-6)
+    g, u = randn(gen, 2, 37, 760, scale=3), randn(gen, 2, 37, 760)
+    q, s = l3k.swiglu_fp8(g, u, amax_ub=2.0)
+    q_ref, s_ref = independent_quantize(F.silu(g.double()) * u.double(), 2.0)
+    assert_close(s, s_ref, atol=0, rtol=1e-6)
+    assert (q.float() != q_ref.float()).float().mean() < 1e-3
+
+
+def test_quantize_opcheck(gen):
+    torch.library.opcheck(quantize_fp8_rowwise_fwd, (randn(gen, 7, 48, dtype=torch.bfloat16), 1200.0))
+
+
+def test_quantize_bad_inputs():
+    with pytest.raises(TypeError, match="^x:"):
+        l3k.quantize_fp8_rowwise(torch.ones(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="^amax_ub:"):
+        l3k.quantize_fp8_rowwise(torch.ones(4, 8), amax_ub=0)
+    q, s = l3k.quantize_fp8_rowwise(torch.empty(0, 32))
+    assert q.shape == (0, 32) and s.shape == (0,)
+
+
+# ----------------------------------------------------------------------------------------------- gemm
+def make_fp8_operands(gen, m, n, k):
+    xq, xs = l3k.quantize_fp8_rowwise(randn(gen, m, k))
+    wq, ws = l3k.quantize_fp8_rowwise(randn(gen, n, k) * 0.02, amax_ub=float("inf"))
+    return xq, xs, wq, ws
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 32, 16), (37, 48, 64), (199, 160, 96)])
+def test_fp8_mm_matches_scaled_mm(gen, m, n, k):
+    xq, xs, wq, ws = make_fp8_operands(gen, m, n, k)
+    bias = randn(gen, n)
+    y = l3k.fp8_rowwise_mm(xq, xs, wq, ws, bias=bias, out_dtype=torch.float32)
+    ref = torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.float32) + bias
+    assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    exact = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double() + bias.double()
+    assert_close(y, exact, atol=1e-5, rtol=1e-5)
+    y16 = l3k.fp8_rowwise_mm(xq, xs, wq, ws)
+    assert y16.dtype == torch.bfloat16 and bf16_ulps(y16, exact - bias.double()) <= 0.5 + 1e-3
+
+
+def test_fp8_mm_batched_and_opcheck(gen):
+    xq, xs, wq, ws = make_fp8_operands(gen, 6, 32, 48)
+    y = l3k.fp8_rowwise_mm(xq.view(2, 3, 48), xs.view(2, 3), wq, ws, out_dtype=torch.float32)
+    assert y.shape == (2, 3, 32)
+    torch.testing.assert_close(y.view(6, 32), l3k.fp8_rowwise_mm(xq, xs, wq, ws, out_dtype=torch.float32))
+    # opcheck's schema test multiplies inputs, which CPU float8 does not support; run the others
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(fp8_rowwise_mm_fwd, (xq, xs, wq, ws, None, torch.bfloat16), test_utils=utils)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,name",
+    [
+        (lambda a: a.update(xq=a["xq"].float()), TypeError, "xq"),
+        (lambda a: a.update(wq=a["wq"][:, :40].contiguous()), ValueError, "xq"),
+        (lambda a: a.update(xq=a["xq"][:, :40].contiguous(), wq=a["wq"][:, :40].contiguous()), ValueError, "wq"),
+        (lambda a: a.update(x_scale=a["x_scale"][:3]), ValueError, "x_scale"),
+        (lambda a: a.update(w_scale=a["w_scale"].half()), TypeError, "w_scale"),
+        (lambda a: a.update(bias=torch.ones(31)), ValueError, "bias"),
+        (lambda a: a.update(out_dtype=torch.int32), TypeError, "out_dtype"),
+        (lambda a: a.update(xq=a["xq"].t().contiguous().t()), ValueError, "xq"),
+    ],
+)
+def test_fp8_mm_bad_inputs(gen, mutate, exc, name):
+    xq, xs, wq, ws = make_fp8_operands(gen, 8, 32, 48)
+    args = dict(xq=xq, x_scale=xs, wq=wq, w_scale=ws)
+    mutate(args)
+    with pytest.raises(exc, match=rf"^{name}:"):
+        l3k.fp8_rowwise_mm(**args)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def sdpa_reference(q, k, v, causal, scale=None):
+    """[B, S, H, D] through F.scaled_dot_product_attention in fp64 with an explicit bottom-right mask."""
+    sq, sk, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    qt, kt, vt = (t.double().transpose(1, 2) for t in (q, k, v))
+    kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
+    mask = None
+    if causal:
+        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("b,s,sk,hq,hkv,d", [(2, 37, 37, 4, 2, 64), (1, 1, 1, 9, 3, 64), (3, 19, 45, 8, 8, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_matches_sdpa(gen, b, s, sk, hq, hkv, d, causal):
+    q, k, v = randn(gen, b, s, hq, d), randn(gen, b, sk, hkv, d), randn(gen, b, sk, hkv, d)
+    out, lse = l3k.flash_attention(q, k, v, causal=causal, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (b, hq, s)
+    assert_close(out, sdpa_reference(q, k, v, causal), atol=1e-5, rtol=1e-5)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(hq // hkv, 2)) / math.sqrt(d)
+    if causal:
+        scores = scores.masked_fill(torch.arange(sk)[None, :] > torch.arange(s)[:, None] + sk - s, float("-inf"))
+    assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_varlen_is_per_document(gen):
+    lens = [5, 1, 0, 37, 12]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    t = sum(lens)
+    q, k, v = randn(gen, t, 6, 64), randn(gen, t, 2, 64), randn(gen, t, 2, 64)
+    out, lse = l3k.flash_attention(q, k, v, cu_seqlens=cu, return_lse=True)
+    assert lse.shape == (6, t)
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e > a:
+            want = sdpa_reference(q[None, a:e], k[None, a:e], v[None, a:e], True)[0]
+            assert_close(out[a:e], want, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_separate_key_offsets(gen):
+    # each query segment sees a longer key segment that ends with it (context-parallel chunks)
+    q, k, v = randn(gen, 7, 4, 64), randn(gen, 20, 2, 64), randn(gen, 20, 2, 64)
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 8, 20], dtype=torch.int32)
+    out = l3k.flash_attention(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+    assert_close(out[:3], sdpa_reference(q[None, :3], k[None, :8], v[None, :8], True)[0], atol=1e-5, rtol=1e-5)
+    assert_close(out[3:], sdpa_reference(q[None, 3:], k[None, 8:], v[None, 8:], True)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_fully_masked_rows_are_zero(gen):
+    q, k = randn(gen, 1, 5, 2, 64), randn(gen, 1, 3, 2, 64)  # Sq > Sk: the first two queries see nothing
+    out, lse = l3k.flash_attention(q, k, k, return_lse=True)
+    assert (out[0, :2] == 0).all() and torch.isinf(lse[0, :, :2]).all() and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_flash_attention_grad(gen, varlen):
+    q, k, v = randn(gen, 2, 13, 4, 64), randn(gen, 2, 13, 2, 64), randn(gen, 2, 13, 2, 64)
+    dout = randn(gen, 2, 13, 4, 64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if varlen:
+        cu = torch.tensor([0, 13, 26], dtype=torch.int32)
+        out = l3k.flash_attention(*(t.flatten(0, 1) for t in leaves), cu_seqlens=cu).view(2, 13, 4, 64)
+    else:
+        out = l3k.flash_attention(*leaves)
+    (out * dout).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    (sdpa_reference(*ref_leaves, True) * dout.double()).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_opcheck(gen):
+    q, k, v = randn(gen, 2, 9, 4, 64), randn(gen, 2, 9, 2, 64), randn(gen, 2, 9, 2, 64)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(flash_attn_fwd, (*leaves, None, None, 9, 9, True, 0.125))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    flat = [t.detach()[0] for t in (q, k, v)]
+    torch.library.opcheck(flash_attn_fwd, (*flat, cu, None, 5, 5, True, 0.125))
+    out, lse = flash_attn_fwd(*flat, cu, None, 5, 5, True, 0.125)
+    torch.library.opcheck(flash_attn_bwd, (torch.ones_like(out), *flat, out, lse, cu, None, 5, 5, True, 0.125, False))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        (dict(q=torch.ones(1, 4, 3, 64)), ValueError, "k"),  # 3 query heads over 2 KV heads
+        (dict(q=torch.ones(1, 4, 4, 60), k=torch.ones(1, 4, 2, 60), v=torch.ones(1, 4, 2, 60)), ValueError, "q"),
+        (dict(k=torch.ones(1, 4, 2, 64).half()), TypeError, "k"),
+        (dict(v=torch.ones(1, 5, 2, 64)), ValueError, "k, v"),
+        (dict(q=torch.ones(4, 4, 64)), ValueError, "q"),
+        (dict(q=torch.ones(1, 4, 4, 64, dtype=torch.int32)), TypeError, "q"),
+        (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+        (dict(causal=1), TypeError, "causal"),
+        (dict(q=torch.ones(2, 4, 4, 64)), ValueError, "k"),
+    ],
+)
+def test_flash_attention_bad_inputs(kwargs, exc, name):
+    args = dict(q=torch.ones(1, 4, 4, 64), k=torch.ones(1, 4, 2, 64), v=torch.ones(1, 4, 2, 64))
+    args.update(kwargs)
+    with pytest.raises(exc, match=rf"^{name}:"):
+        l3k.flash_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "cu,name",
+    [
+        (torch.tensor([0, 3, 8], dtype=torch.int64), "cu_seqlens"),
+        (torch.tensor([0, 5, 3, 8], dtype=torch.int32), "cu_seqlens"),
+        (torch.tensor([0, 3, 7], dtype=torch.int32), "cu_seqlens"),
+        (torch.tensor([[0, 8]], dtype=torch.int32), "cu_seqlens"),
+    ],
+)
+def test_flash_attention_bad_cu_seqlens(cu, name):
+    q = torch.ones(8, 4, 64)
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}:"):
+        l3k.flash_attention(q, q[:, :2], q[:, :2], cu_seqlens=cu)
+
+
+def test_flash_attention_empty():
+    q = torch.empty(0, 5, 4, 64)
+    assert l3k.flash_attention(q, q[:, :, :2], q[:, :, :2]).shape == q.shape
+
+
+# --------------------------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("sq", [1, 3])
+def test_decode_attention_matches_sdpa(gen, sq):
+    b, length, hq, hkv, d = 3, 40, 8, 2, 64
+    q, kc, vc = randn(gen, b, sq, hq, d), randn(gen, b, length, hkv, d), randn(gen, b, length, hkv, d)
+    lens = torch.tensor([sq, 17, 40], dtype=torch.int32)
+    out = l3k.decode_attention(q, kc, vc, lens)
+    for i, n in enumerate(lens.tolist()):
+        want = sdpa_reference(q[i : i + 1], kc[i : i + 1, :n], vc[i : i + 1, :n], True)
+        assert_close(out[i : i + 1], want, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(decode_attn, (q, kc, vc, lens, 0.125))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        (dict(cache_seqlens=torch.tensor([5, 5], dtype=torch.int64)), TypeError, "cache_seqlens"),
+        (dict(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError, "cache_seqlens"),
+        (dict(cache_seqlens=torch.tensor([5, 41], dtype=torch.int32)), ValueError, "cache_seqlens"),
+        (dict(cache_seqlens=torch.tensor([0, 4], dtype=torch.int32)), ValueError, "cache_seqlens"),
+        (dict(k_cache=torch.ones(2, 40, 3, 64), v_cache=torch.ones(2, 40, 3, 64)), ValueError, "k_cache"),
+        (dict(v_cache=torch.ones(2, 39, 2, 64)), ValueError, "k_cache, v_cache"),
+        (dict(q=torch.ones(2, 1, 8, 64).half()), TypeError, "k_cache"),
+    ],
+)
+def test_decode_attention_bad_inputs(kwargs, exc, name):
+    args = dict(
+        q=torch.ones(2, 1, 8, 64),
+        k_cache=torch.ones(2, 40, 2, 64),
+        v_cache=torch.ones(2, 40, 2, 64),
+        cache_seqlens=torch.tensor([5, 5], dtype=torch.int32),
+    )
+    args.update(kwargs)
+    with pytest.raises(exc, match=rf"^{name}:"):
+        l3k.decode_attention(**args)
+
+
+# ----------------------------------------------------------------------------------------------- info
+def test_info_is_honest():
+    report = l3k.info()
+    assert set(report["cuda_ops"]) == {
+        "rms_norm", "rms_norm_fp8", "swiglu", "swiglu_fp8", "quantize_fp8_rowwise", "fp8_rowwise_mm",
+        "flash_attention", "decode_attention",
+    }  # fmt: skip
+    if not torch.cuda.is_available():
+        assert all(path.startswith("reference") for path in report["cuda_ops"].values())
+    from llama3_kernels.ops._common import _C
+
+    assert (report["extension"] is not None and isinstance(report["extension"], dict)) == (_C is not None)
