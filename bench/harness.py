@@ -1,0 +1,627 @@
+"""The bench harness: cases of (this project's op + its peers) on the same inputs, timed in one process.
+
+A bench module yields `Case`s; each case holds an input factory and a list of `Impl`s that turn the inputs
+into a zero-argument callable to time. `run_cases` times every impl of every case (CUDA events, L2 flushed
+by writing a 256 MB buffer before each repeat, median of many repeats; host clock on CPU), derives TB/s,
+TFLOP/s and MFU from the case's explicit minimum-bytes and FLOP formulas, and the ratio of this project's
+time to the best peer's. Results go to JSON, markdown and PNG plots; `compare` is the regression gate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OURS = "llama3_kernels"
+CPU_LABEL = "CPU reference timing"
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100 SXM dense tensor-core peaks (the MFU denominators)
+FLUSH_BYTES = 256 * 1024 * 1024  # larger than any L2 (H100: 50 MB, H200: 60 MB)
+SCHEMA = "llama3_kernels.bench/1"
+
+
+# ------------------------------------------------------------------------------------------- model
+@dataclasses.dataclass
+class Impl:
+    """One contender in a case.
+
+    Args:
+        name: shown in tables ("llama3_kernels", "torch eager reference", "Liger-Kernel", ...).
+        make: inputs → zero-argument callable that runs the op once (the thing timed).
+        ours: True for this project's op.
+        skip: a reason; the impl is not run and its row says "skipped: <reason>".
+        bytes, flops: override the case's figures when this impl must move different bytes (bf16 vs fp8).
+        note: a short remark shown with the result (e.g. "K/V repeated: backend lacks GQA").
+    """
+
+    name: str
+    make: Callable[[Any], Callable[[], Any]] | None = None
+    ours: bool = False
+    skip: str | None = None
+    bytes: float | None = None
+    flops: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Case:
+    """One table row: one op, mode and shape, timed for every impl on the same inputs."""
+
+    family: str
+    op: str
+    mode: str  # "fwd", "fwd+bwd", "bwd", "decode", "train step", ...
+    shape: str
+    dtype: str
+    inputs: Callable[[], Any]
+    impls: list[Impl]
+    bytes: float | None = None  # minimum bytes the op must move through device memory
+    flops: float | None = None
+    formula: str = ""  # how bytes / flops were counted, printed next to the numbers
+    peak: float | None = None  # TFLOP/s denominator for MFU (None: no MFU column)
+    unit: str = ""  # extra throughput unit for end-to-end rows ("tokens", with `items` per call)
+    items: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.op} | {self.mode} | {self.shape} | {self.dtype}"
+
+
+@dataclasses.dataclass
+class Result:
+    impl: str
+    ours: bool
+    status: str  # "ok", "skipped" or "error"
+    reason: str = ""
+    ms: float | None = None  # median over `reps`
+    ms_min: float | None = None
+    reps: int = 0
+    tbps: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    items_per_s: float | None = None
+    path: str = ""  # for ours: "kernel", "reference" or "reference fallback (...)"
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Settings:
+    """How hard to measure. `budget_ms` is the timed span per impl; repeats are chosen to fill it."""
+
+    warmup: int = 3
+    min_reps: int = 10
+    max_reps: int = 200
+    budget_ms: float = 150.0
+    deadline: float | None = None  # time.monotonic() after which the remaining impls are skipped
+
+
+# ----------------------------------------------------------------------------------------- timing
+class Timer:
+    """Times a callable on one device. CUDA: events around each call, the L2 flushed before it."""
+
+    def __init__(self, device: torch.device, settings: Settings, flush: bool = True) -> None:
+        self.device, self.settings = device, settings
+        self.cuda = device.type == "cuda"
+        self._cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if self.cuda and flush else None
+
+    def _flush(self) -> None:
+        if self._cache is not None:
+            self._cache.zero_()  # a 256 MB write evicts every input from L2; it is not inside the events
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _one(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        self._flush()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[float, float, int]:
+        """Returns (median ms, min ms, repeats) after warm-up (which also absorbs compilation)."""
+        s = self.settings
+        for _ in range(max(1, s.warmup)):
+            fn()
+        self._sync()
+        estimate = min(self._one(fn) for _ in range(2))
+        reps = int(min(s.max_reps, max(s.min_reps, s.budget_ms / max(estimate, 1e-3))))
+        if not self.cuda:
+            times = [self._one(fn) for _ in range(reps)]
+            return statistics.median(times), min(times), reps
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):  # queue everything, sync once: the host never stalls the GPU between repeats
+            self._flush()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        self._sync()
+        times = [a.elapsed_time(b) for a, b in zip(starts, ends)]
+        return statistics.median(times), min(times), reps
+
+
+# ------------------------------------------------------------------------------------------ running
+def _first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text[:200]
+
+
+def _figures(res: Result, case: Case, impl: Impl) -> None:
+    sec = res.ms / 1e3
+    nbytes = impl.bytes if impl.bytes is not None else case.bytes
+    flops = impl.flops if impl.flops is not None else case.flops
+    if nbytes:
+        res.tbps = nbytes / sec / 1e12
+    if flops:
+        res.tflops = flops / sec / 1e12
+        if case.peak:
+            res.mfu = res.tflops / case.peak
+    if case.items:
+        res.items_per_s = case.items / sec
+
+
+def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
+    """Time every impl of `case` on one set of inputs. Failures become error rows, never numbers."""
+    results: list[Result] = []
+    try:
+        inputs = case.inputs()
+    except Exception as e:  # e.g. out of memory: every impl of the row reports it
+        reason = f"inputs: {_first_line(e)}"
+        _free(timer.device)
+        return [Result(i.name, i.ours, "skipped" if i.skip else "error", i.skip or reason) for i in case.impls]
+    for impl in case.impls:
+        res = Result(impl.name, impl.ours, "ok", path=our_path if impl.ours else "", note=impl.note)
+        deadline = timer.settings.deadline
+        if impl.skip:
+            res.status, res.reason = "skipped", impl.skip
+        elif deadline is not None and time.monotonic() > deadline:
+            res.status, res.reason = "skipped", "time budget of this run exhausted"
+        else:
+            try:
+                fn = impl.make(inputs)
+                res.ms, res.ms_min, res.reps = timer.measure(fn)
+                _figures(res, case, impl)
+            except Exception as e:  # a peer that cannot run says why
+                res.status, res.reason = "error", _first_line(e)
+                _free(timer.device)
+        results.append(res)
+    del inputs
+    _free(timer.device)
+    return results
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def best_peer(results: list[dict]) -> dict | None:
+    peers = [r for r in results if not r["ours"] and r["status"] == "ok"]
+    return min(peers, key=lambda r: r["ms"]) if peers else None
+
+
+def row_dict(case: Case, results: list[Result], label: str) -> dict:
+    """The JSON form of one row; `speedup_vs_best_peer` = best peer time / our time (>1: we are faster)."""
+    rs = [dataclasses.asdict(r) for r in results]
+    ours = next((r for r in rs if r["ours"] and r["status"] == "ok"), None)
+    best = best_peer(rs)
+    return {
+        "key": case.key,
+        "family": case.family,
+        "op": case.op,
+        "mode": case.mode,
+        "shape": case.shape,
+        "dtype": case.dtype,
+        "label": label,
+        "bytes": case.bytes,
+        "flops": case.flops,
+        "formula": case.formula,
+        "peak_tflops": case.peak,
+        "unit": case.unit,
+        "results": rs,
+        "best_peer": best["impl"] if best else None,
+        "speedup_vs_best_peer": (best["ms"] / ours["ms"]) if (ours and best) else None,
+    }
+
+
+def run_cases(
+    cases: list[Case],
+    device: torch.device,
+    settings: Settings,
+    label: str,
+    our_paths: dict[str, str] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every case (with a tqdm bar) and return the JSON rows."""
+    from tqdm import tqdm
+
+    timer = Timer(device, settings)
+    rows = []
+    bar = tqdm(cases, desc="bench", unit="row", disable=not progress, dynamic_ncols=True)
+    for case in bar:
+        bar.set_postfix_str(f"{case.op} {case.mode} {case.shape}"[:60])
+        path = (our_paths or {}).get(case.op, "")
+        rows.append(row_dict(case, run_case(case, timer, path), label))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ environment
+def _git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        if commit.returncode == 0:
+            return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": "unknown", "dirty": None}
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)  # fmt: skip
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # not installed
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Where the numbers come from: commit, device, driver, library versions, date."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_git_commit(),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "liger_kernel": _version("liger-kernel"),
+        "device": "cpu",
+        "gpu": None,
+        "driver": None,
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(device="cuda", gpu=p.name, driver=_driver_version(),
+                   capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count)  # fmt: skip
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    try:
+        from llama3_kernels import info
+
+        env["llama3_kernels"] = info()
+    except Exception as e:  # the report must still be written
+        env["llama3_kernels"] = f"info() failed: {_first_line(e)}"
+    return env
+
+
+def device_name(env: dict) -> str:
+    return env.get("gpu") or f"cpu ({env.get('cpu', 'unknown')})"
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def write_json(path: str | Path, env: dict, rows: list[dict], settings: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": SCHEMA, "env": env, "settings": settings, "rows": rows}
+    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def load_json(path: str | Path) -> dict:
+    """Read a results file written by `write_json`.
+
+    Raises:
+        ValueError: the file is not a results file of this harness.
+    """
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{path}: not a llama3_kernels bench results file (schema {SCHEMA})")
+    return doc
+
+
+def _fmt_num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return ""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _cell(r: dict, unit: str, notes: list[str]) -> str:
+    if r["status"] != "ok":  # reasons go to numbered notes under the table, the cell keeps its number
+        text = f"{r['status']}: {r['reason']}".replace("|", "/")
+        if text not in notes:
+            notes.append(text)
+        return f"{r['status']} [{notes.index(text) + 1}]"
+    parts = [f"{r['ms']:.4g} ms"]
+    if r.get("tflops") is not None:
+        parts.append(f"{r['tflops']:.4g} TFLOP/s")
+        if r.get("mfu") is not None:
+            parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("tbps") is not None and (r.get("tflops") is None or r["tbps"] > 0.05):
+        parts.append(f"{r['tbps']:.3g} TB/s")
+    if r.get("items_per_s") is not None:
+        parts.append(f"{_fmt_num(r['items_per_s'])} {unit}/s")
+    if r.get("path") and r["path"] != "kernel":
+        parts.append(f"[{r['path']}]")
+    if r.get("note"):
+        parts.append(f"({r['note']})")
+    return " · ".join(parts).replace("|", "/")
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    """A table per op family: one column per impl, the ratio to the best peer last, formulas below."""
+    cpu = env.get("device") == "cpu"
+    lines = [f"# llama3_kernels bench — {device_name(env)}", ""]
+    lines.append(
+        f"commit `{env.get('commit', '?')[:12]}`{' (dirty)' if env.get('dirty') else ''} · torch {env.get('torch')}"
+        f" · CUDA {env.get('cuda')} · driver {env.get('driver')} · {env.get('date')}"
+    )
+    lines.append("")
+    if cpu:
+        lines += [
+            f"**{CPU_LABEL}s only.** No GPU was visible: every number below is the PyTorch reference path (and",
+            "CPU peers) at small sizes. None of them is a kernel number.",
+            "",
+        ]
+    lines += [
+        "Times are medians of repeated runs (CUDA events, L2 flushed before each; host clock on CPU). "
+        "*vs best peer* = best peer's time / this project's time (>1: faster).",
+        "",
+    ]
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r["family"], []).append(r)
+    for fam, frows in families.items():
+        impls: list[str] = []
+        for r in frows:
+            impls += [x["impl"] for x in r["results"] if x["impl"] not in impls]
+        lines += [f"## {fam}", ""]
+        head = ["op", "mode", "shape", *impls, "vs best peer"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        notes: list[str] = []
+        for r in frows:
+            by = {x["impl"]: x for x in r["results"]}
+            cells = [_cell(by[i], r.get("unit") or "items", notes) if i in by else "" for i in impls]
+            sp = r.get("speedup_vs_best_peer")
+            ratio = f"{sp:.2f}× ({r['best_peer']})" if sp is not None else "n/a"
+            if cpu:
+                ratio += f" — {CPU_LABEL}"
+            lines.append("| " + " | ".join([r["op"], r["mode"], r["shape"], *cells, ratio]) + " |")
+        formulas = []
+        for r in frows:
+            f = f"- `{r['op']}` {r['mode']}: {r['formula']}"
+            if r["formula"] and f not in formulas:
+                formulas.append(f)
+        lines += ["", *[f"[{i + 1}] {t}  " for i, t in enumerate(notes)], "", "Counting:", *formulas, ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(env: dict, rows: list[dict], out_dir: str | Path) -> list[Path]:
+    """One PNG per family: bars per impl for each row (TFLOP/s where FLOPs were counted, else TB/s).
+
+    Returns the paths written; an empty list (with a printed note) when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed, no plots (pip install matplotlib)")
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r["family"], []).append(r)
+    written = []
+    for fam, frows in families.items():
+        use_flops = any(x.get("tflops") for r in frows for x in r["results"] if x["status"] == "ok" and r["flops"])
+        metric, ylabel = ("tflops", "TFLOP/s") if use_flops else ("tbps", "TB/s")
+        if all(x.get(metric) is None for r in frows for x in r["results"]):
+            metric, ylabel = "ms", "ms (lower is better)"
+        impls: list[str] = []
+        for r in frows:
+            impls += [x["impl"] for x in r["results"] if x["impl"] not in impls]
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(frows) * max(1, len(impls)) / 3), 5))
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            vals = []
+            for r in frows:
+                x = next((x for x in r["results"] if x["impl"] == impl), None)
+                vals.append(x.get(metric) if x and x["status"] == "ok" and x.get(metric) is not None else 0.0)
+            ax.bar([i + j * width for i in range(len(frows))], vals, width, label=impl)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(frows))])
+        ax.set_xticklabels([f"{r['op']}\n{r['mode']}\n{r['shape']}" for r in frows], fontsize=6, rotation=60)
+        ax.set_ylabel(ylabel)
+        title = f"{fam} — {device_name(env)}"
+        if env.get("device") == "cpu":
+            title += f" — {CPU_LABEL}s, not kernel numbers"
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{fam}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------- the gate
+def parse_fraction(text: str) -> float:
+    """'5%' → 0.05, '0.05' → 0.05.
+
+    Raises:
+        ValueError: not a non-negative number or percentage.
+    """
+    t = str(text).strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise ValueError(
+            f"--max-regression: expected a percentage like 5% or a fraction like 0.05, got {text!r}"
+        ) from None
+    if not value >= 0:
+        raise ValueError(f"--max-regression: expected a non-negative value, got {text!r}")
+    return value
+
+
+def compare(baseline: dict, current: dict, max_regression: float, all_impls: bool = False) -> list[str]:
+    """Rows of `current` slower than `baseline` by more than `max_regression` (a fraction).
+
+    Compares this project's impl in every row present in both (every impl with `all_impls`). A row that
+    timed fine in the baseline and fails or is skipped now counts as a regression; rows new in `current`
+    or absent from it are not judged (the op set may change).
+
+    Returns:
+        One message per regressed row; empty when the gate passes.
+    """
+    cur = {(r["key"], x["impl"]): x for r in current["rows"] for x in r["results"]}
+    bad = []
+    for row in baseline["rows"]:
+        for base in row["results"]:
+            if base["status"] != "ok" or not (base["ours"] or all_impls):
+                continue
+            now = cur.get((row["key"], base["impl"]))
+            if now is None:
+                continue
+            name = f"{row['key']} [{base['impl']}]"
+            if now["status"] != "ok":
+                bad.append(f"{name}: was {base['ms']:.4g} ms, now {now['status']}: {now['reason']}")
+            elif now["ms"] > base["ms"] * (1.0 + max_regression):
+                slower = now["ms"] / base["ms"] - 1.0
+                bad.append(f"{name}: {base['ms']:.4g} ms → {now['ms']:.4g} ms (+{100 * slower:.1f}%)")
+    return bad
+
+
+def same_device(baseline: dict, current: dict) -> bool:
+    return device_name(baseline["env"]) == device_name(current["env"])
+
+
+def iter_rows(doc: dict, family: str | None = None) -> Iterable[dict]:
+    return (r for r in doc["rows"] if family is None or r["family"] == family)
+
+
+# ------------------------------------------------------------------------ what bench modules share
+@dataclasses.dataclass
+class Context:
+    """What a bench module needs to build its cases: the device, the size tier and input helpers.
+
+    Tiers: "full" (GPU, the issue's shapes), "quick" (GPU, the first shape of each op, shorter timing)
+    and "cpu" (no GPU: the reference paths at small sizes, labelled CPU reference timings).
+    """
+
+    device: torch.device
+    quick: bool = False
+    compile_on_cpu: bool = False
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.type != "cuda"
+
+    @property
+    def tier(self) -> str:
+        return "cpu" if self.cpu else ("quick" if self.quick else "full")
+
+    def pick(self, full, quick=None, cpu=None):
+        """The value for this tier (quick defaults to full[:1], cpu to quick)."""
+        quick = full[:1] if quick is None else quick
+        return {"full": full, "quick": quick, "cpu": quick if cpu is None else cpu}[self.tier]
+
+    def randn(self, *shape: int, dtype=torch.bfloat16, scale: float = 1.0, grad: bool = False) -> torch.Tensor:
+        t = (torch.randn(*shape, device=self.device, dtype=torch.float32) * scale).to(dtype)
+        return t.requires_grad_(grad)
+
+    # Reasons a peer does not run here (None: it runs).
+    def needs_cuda(self) -> str | None:
+        return "needs a CUDA GPU" if self.cpu else None
+
+    def compile_skip(self) -> str | None:
+        if self.cpu and not self.compile_on_cpu:
+            return "torch.compile peers run on the GPU only (CPU inductor compile time; --compile-on-cpu)"
+        return None
+
+    def module_skip(self, module: str, what: str, cuda: bool = True) -> str | None:
+        if cuda and self.cpu:
+            return "needs a CUDA GPU"
+        try:
+            __import__(module)
+        except Exception as e:  # missing, or broken against this torch
+            return f"{what} not importable ({_first_line(e)[:80]})"
+        return None
+
+
+def our_paths(device: torch.device) -> dict[str, str]:
+    """For each public op, the path this project's impl takes here: kernel, or the reference and why."""
+    from llama3_kernels.info import OP_KERNELS
+    from llama3_kernels.ops._common import has_kernel
+
+    if device.type != "cuda":
+        return dict.fromkeys(OP_KERNELS, "reference (CPU)")
+    hopper = torch.cuda.get_device_capability(device) == (9, 0)
+    paths = {}
+    for op, names in OP_KERNELS.items():
+        built = [n for n in names if has_kernel(n)]
+        if not hopper:
+            paths[op] = "reference fallback (no sm_90 GPU)"
+        elif len(built) == len(names):
+            paths[op] = "kernel"
+        elif built:
+            paths[op] = f"partial kernel (missing {', '.join(n for n in names if n not in built)})"
+        else:
+            paths[op] = "reference fallback (kernel not built)"
+    return paths
+
+
+_COMPILE_READY = False
+
+
+def compiled(fn: Callable, **kwargs) -> Callable:
+    """torch.compile with static shapes and a recompile limit large enough for every bench shape."""
+    global _COMPILE_READY
+    if not _COMPILE_READY:
+        import torch._dynamo
+
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+        _COMPILE_READY = True
+    return torch.compile(fn, dynamic=False, **kwargs)
+
+
+def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor):
+    """Backward without accumulating into .grad (so repeats do identical work)."""
+    return torch.autograd.grad(out, inputs, dout)
