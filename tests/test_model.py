@@ -1,0 +1,283 @@
+"""The Llama 3 model against an independent plain-PyTorch implementation written here (complex RoPE,
+repeat_interleave + scaled_dot_product_attention), plus document masking, the attention hook, the KV
+cache, meta-device construction, config sizes and the FP8 inference path."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama3_kernels import ops
+from llama3_kernels.model import CONFIGS, ModelConfig, Transformer, get_config
+from llama3_kernels.model.rope import rope_frequencies
+
+SMALL = dict(max_seq_len=128)  # short RoPE tables keep the tests fast
+
+
+# ------------------------------------------------------------------------- independent reference
+def meta_apply_scaling(freqs, factor, low=1.0, high=4.0, old_context=8192):
+    """Llama 3.1's published frequency scaling, element by element as in Meta's reference code."""
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(freq)
+        elif wavelen > low_wavelen:
+            out.append(freq / factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_forward(sd, cfg: ModelConfig, tokens, positions=None):
+    """Straightforward fp32 Llama 3 forward from a Meta-named state dict (no library ops)."""
+    b, s = tokens.shape
+    hd, hq, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    positions = torch.arange(s).expand(b, s) if positions is None else positions
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2).double() / hd))
+    if cfg.rope_scaling_factor is not None:
+        freqs = meta_apply_scaling(freqs, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                   cfg.rope_high_freq_factor, cfg.rope_original_context)  # fmt: skip
+    cis = torch.polar(torch.ones(b, s, hd // 2, dtype=torch.float64), positions[..., None].double() * freqs)
+    cis = cis.to(torch.complex64)[:, :, None, :]  # [B, S, 1, D/2]
+
+    def rope(x):  # [B, S, H, D] as complex pairs (x[2i], x[2i+1])
+        return torch.view_as_real(torch.view_as_complex(x.reshape(b, s, -1, hd // 2, 2)) * cis).flatten(-2)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    x = sd["tok_embeddings.weight"][tokens]
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        a = norm(x, sd[p + "attention_norm.weight"])
+        q = rope((a @ sd[p + "attention.wq.weight"].T).view(b, s, hq, hd)).transpose(1, 2)
+        k = rope((a @ sd[p + "attention.wk.weight"].T).view(b, s, hkv, hd)).transpose(1, 2)
+        v = (a @ sd[p + "attention.wv.weight"].T).view(b, s, hkv, hd).transpose(1, 2)
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, -1)
+        x = x + o @ sd[p + "attention.wo.weight"].T
+        f = norm(x, sd[p + "ffn_norm.weight"])
+        gate, up = f @ sd[p + "feed_forward.w1.weight"].T, f @ sd[p + "feed_forward.w3.weight"].T
+        x = x + (F.silu(gate) * up) @ sd[p + "feed_forward.w2.weight"].T
+    out_w = sd["tok_embeddings.weight"] if cfg.tie_embeddings else sd["output.weight"]
+    return norm(x, sd["norm.weight"]) @ out_w.T
+
+
+def random_model(cfg: ModelConfig, gen: torch.Generator) -> Transformer:
+    """A model with O(1) activations: random weights scaled by 1/sqrt(fan_in), norms near 1."""
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:  # embeddings too: tied logits stay O(1)
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+    return model
+
+
+def tokens_like(cfg, b, s, gen):
+    return torch.randint(0, cfg.vocab_size, (b, s), generator=gen)
+
+
+# ------------------------------------------------------------------------------------- model math
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": True, "rope_scaling_factor": 8.0, "rope_original_context": 64}, {"n_kv_heads": 4}],
+    ids=["debug", "tied-scaled", "mha"],
+)
+def test_matches_independent_reference(changes, gen):
+    cfg = get_config("debug", **SMALL, **changes)
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 3, 37, gen)
+    with torch.no_grad():
+        got = model(tokens)
+        want = ref_forward(model.state_dict(), cfg, tokens)
+    assert got.shape == (3, 37, cfg.vocab_size) and got.dtype == torch.float32
+    assert want.abs().max() > 1.0, "activations should be O(1) for the comparison to mean something"
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_explicit_positions_and_last_index(gen):
+    cfg = get_config("debug", **SMALL)
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 19, gen)
+    positions = torch.stack([torch.arange(19) + 7, torch.arange(19) + 40])  # offset rows
+    with torch.no_grad():
+        got = model(tokens, positions)
+        want = ref_forward(model.state_dict(), cfg, tokens, positions)
+        last = model(tokens, positions, last_index=torch.tensor([18, 4]))
+    assert (got - want).abs().max().item() <= 1e-5
+    assert last.shape == (2, 1, cfg.vocab_size)
+    torch.testing.assert_close(last[:, 0], torch.stack([got[0, 18], got[1, 4]]), atol=1e-5, rtol=0)
+
+
+def test_rope_scaling_matches_published_formula():
+    for head_dim, theta, factor in ((128, 500000.0, 8.0), (64, 500000.0, 32.0), (128, 500000.0, 32.0)):
+        base = 1.0 / (theta ** (torch.arange(0, head_dim, 2).double() / head_dim))
+        want = meta_apply_scaling(base, factor)
+        got = rope_frequencies(head_dim, theta, factor)
+        assert got.dtype == torch.float32 and got.shape == (head_dim // 2,)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+        wavelen = 2 * math.pi / base
+        torch.testing.assert_close(got[wavelen < 2048].double(), base[wavelen < 2048], rtol=1e-6, atol=0)  # kept
+        torch.testing.assert_close(got[wavelen > 8192].double(), base[wavelen > 8192] / factor, rtol=1e-6, atol=0)
+        mid = (wavelen >= 2048) & (wavelen <= 8192)
+        assert mid.any() and ((got[mid] < base[mid]) & (got[mid] > base[mid] / factor)).all()
+    torch.testing.assert_close(rope_frequencies(64, 100000.0, None).double(),
+                               1.0 / 100000.0 ** (torch.arange(0, 64, 2).double() / 64), rtol=1e-6, atol=0)  # fmt: skip
+
+
+def test_document_mask_equals_separate_documents(gen):
+    cfg = get_config("debug", **SMALL)
+    model = random_model(cfg, gen)
+    b, s = 2, 23
+    doc_lens = [[9, 1, 13], [23]]  # per row; documents never cross rows here
+    tokens = tokens_like(cfg, b, s, gen)
+    positions = torch.cat([torch.arange(n) for row in doc_lens for n in row]).view(b, s)
+    offsets = torch.tensor([0, *torch.tensor([n for row in doc_lens for n in row]).cumsum(0).tolist()])
+    with torch.no_grad():
+        got = model(tokens, positions, cu_seqlens=offsets.int(), max_seqlen=23)  # [B, S, V]
+        flat, start = tokens.flatten(), 0
+        for n in [n for row in doc_lens for n in row]:
+            want = model(flat[start : start + n][None])[0]  # the document alone
+            torch.testing.assert_close(got.flatten(0, 1)[start : start + n], want, atol=1e-5, rtol=0)
+            start += n
+        plain = model(tokens, positions)
+    assert (plain[0, 9:] - got[0, 9:]).abs().max() > 1e-3, "the mask must change later documents"
+
+
+def test_attn_fn_hook(gen):
+    cfg = get_config("debug", **SMALL)
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 13, gen)
+    calls = []
+
+    def attn(q, k, v):
+        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        return ops.flash_attention(q, k, v, causal=True)
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, attn_fn=attn), model(tokens), atol=1e-6, rtol=0)
+        zeroed = model(tokens, attn_fn=lambda q, k, v: torch.zeros_like(q))
+    hd = cfg.head_dim
+    assert calls == [((2, 13, 4, hd), (2, 13, 2, hd), (2, 13, 2, hd))] * cfg.n_layers
+    assert (zeroed - model(tokens)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- KV cache
+def test_decode_with_cache_equals_full_forward(gen):
+    cfg = get_config("debug", **SMALL)
+    model = random_model(cfg, gen)
+    full = copy.deepcopy(model)  # no cache
+    lens = [5, 11, 8]  # left-aligned prompts of different lengths, padded on the right
+    b, s, steps = len(lens), max(lens), 6
+    seqs = [tokens_like(cfg, 1, n, gen)[0].tolist() for n in lens]
+    padded = torch.tensor([q + [0] * (s - len(q)) for q in seqs])
+    model.setup_cache(4, 32)  # max_batch larger than the batch
+    assert model.cache_shape == (4, 32, cfg.n_kv_heads, cfg.head_dim)
+    with torch.inference_mode():
+        logits = model(padded, last_index=torch.tensor(lens) - 1)[:, 0]  # prefill [B, V]
+        pos = torch.tensor(lens)
+        for step in range(steps + 1):
+            for i in range(b):
+                want = full(torch.tensor([seqs[i]]))[0, -1]
+                torch.testing.assert_close(logits[i], want, atol=1e-5, rtol=0, msg=f"row {i} step {step}")
+            if step == steps:
+                break
+            nxt = torch.randint(0, cfg.vocab_size, (b,), generator=gen)
+            for i in range(b):
+                seqs[i].append(int(nxt[i]))
+            logits = model(nxt[:, None], pos[:, None], cache_seqlens=(pos + 1).int())[:, 0]
+            pos = pos + 1
+    model.clear_cache()
+    assert model.cache_shape is None
+
+
+def test_cache_errors():
+    model = Transformer(get_config("debug", **SMALL))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache_seqlens=torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.setup_cache(1, 129)
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ construction, configs
+def test_meta_construction_and_assign_load(gen):
+    cfg = get_config("debug", **SMALL)
+    src = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 9, gen)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert all(p.is_meta for p in model.parameters()) and model.rope_cos.is_meta
+    model.load_state_dict(src.state_dict(), assign=True)  # the tensors are taken, not copied
+    assert model.tok_embeddings.weight.data_ptr() == src.tok_embeddings.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), src(tokens), atol=0, rtol=0)
+    assert set(src.state_dict()) == set(CONFIG_KEYS(cfg))
+
+    with torch.device("meta"):
+        fresh = Transformer(cfg)
+    fresh.to_empty(device="cpu")
+    fresh.init_weights()
+    with torch.no_grad():
+        out = fresh(tokens)
+    assert torch.isfinite(out).all() and torch.equal(fresh.rope_cos, src.rope_cos)
+
+
+def CONFIG_KEYS(cfg):
+    keys = ["tok_embeddings.weight", "norm.weight"] + ([] if cfg.tie_embeddings else ["output.weight"])
+    for i in range(cfg.n_layers):
+        keys += [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
+        keys += [f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
+        keys += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
+    return keys
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("llama3.2-1b", 1.236e9), ("llama3.2-3b", 3.213e9), ("llama3.1-8b", 8.030e9), ("llama3.1-70b", 70.554e9),
+     ("llama3.1-405b", 405.853e9), ("smollm2-135m", 134.5e6), ("debug", 1836288)],
+)  # fmt: skip
+def test_config_sizes(name, params):
+    with torch.device("meta"):
+        model = Transformer(get_config(name))
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - params) / params < 2e-3, f"{name}: {n}"
+    assert set(model.state_dict()) == set(CONFIG_KEYS(model.cfg))
+
+
+def test_configs_table():
+    assert get_config("llama3.1-8b").rope_scaling_factor == 8.0 and get_config("llama3-8b").rope_scaling_factor is None
+    assert get_config("llama3.2-1b").rope_scaling_factor == 32.0 and get_config("llama3.2-1b").tie_embeddings
+    s = get_config("smollm2-135m")
+    assert (s.rope_theta, s.rope_scaling_factor, s.tie_embeddings, s.head_dim) == (100000.0, None, True, 64)
+    d = get_config("debug")
+    assert (d.dim, d.n_layers, d.n_heads, d.n_kv_heads, d.ffn_dim, d.vocab_size, d.max_seq_len) == (
+        256, 2, 4, 2, 768, 512, 1024)  # fmt: skip
+    assert get_config("debug", max_seq_len=64).max_seq_len == 64 and CONFIGS["debug"].max_seq_len == 1024
+    with pytest.raises(KeyError, match="llama3-9b"):
+        get_config("llama3-9b")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        get_config("debug", n_kv_heads=3)
+
+
+def test_bf16_keeps_fp32_rope(gen):
+    cfg = get_config("debug", **SMALL)
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 11, gen)
+    with torch.no_grad():
+        want = model(tokens)
+        model.to(torch.bfloat16)
+        got = model(tokens)
+    assert got.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
+    # bf16 weights and activations: logits of O(3) agree to a few bf16 ulps of the largest
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
