@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from llama3_kernels import ops
 from llama3_kernels.model import CONFIGS, ModelConfig, Transformer, get_config
+from llama3_kernels.model.fp8 import RMSNormFP8, quantize_model_fp8
+from llama3_kernels.model.model import FeedForward, RMSNorm
 from llama3_kernels.model.rope import rope_frequencies
 
 SMALL = dict(max_seq_len=128)  # short RoPE tables keep the tests fast
@@ -281,3 +283,68 @@ def test_bf16_keeps_fp32_rope(gen):
     assert got.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
     # bf16 weights and activations: logits of O(3) agree to a few bf16 ulps of the largest
     assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------- FP8
+def e4m3_rowwise(x, amax_ub):
+    """Row-wise e4m3 round trip written out: scale = max(min(amax, ub), tiny) / 448."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(max=amax_ub).clamp(min=1 / 512) / 448.0
+    return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+
+def test_fp8_ffn_wiring_matches_explicit_math(gen):
+    cfg = get_config("debug", n_layers=3, **SMALL)
+    model = random_model(cfg, gen)
+    ff, norm = model.layers[1].feed_forward, model.layers[1].ffn_norm
+    w1, w2, w3 = (w.weight.detach().clone() for w in (ff.w1, ff.w2, ff.w3))
+    nw = norm.weight.detach().clone()
+    quantize_model_fp8(model)
+    assert model.fp8_layers == [1]
+    assert isinstance(model.layers[0].feed_forward, FeedForward) and isinstance(
+        model.layers[2].feed_forward, FeedForward
+    )
+    layer = model.layers[1]
+    assert layer.feed_forward.w13.dtype == torch.float8_e4m3fn and layer.feed_forward.w13.shape == (2 * 768, 256)
+    assert layer.ffn_norm.weight is norm.weight  # the norm parameter is shared, not copied
+
+    x, res = torch.randn(2, 7, 256, generator=gen), torch.randn(2, 7, 256, generator=gen)
+    with torch.no_grad():
+        (xq, xs), h = layer.ffn_norm(x, res)
+        got = layer.feed_forward((xq, xs))
+    hh = x + res
+    y = hh * torch.rsqrt(hh.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * nw
+    gate = e4m3_rowwise(y, 1200.0) @ e4m3_rowwise(w1, math.inf).T
+    up = e4m3_rowwise(y, 1200.0) @ e4m3_rowwise(w3, math.inf).T
+    want = e4m3_rowwise(F.silu(gate) * up, 1200.0) @ e4m3_rowwise(w2, math.inf).T
+    torch.testing.assert_close(h, hh, atol=0, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # against the unquantized FFN: four e4m3 roundings (3 mantissa bits) leave a few percent rms error
+    exact = (F.silu(y @ w1.T) * (y @ w3.T)) @ w2.T
+    assert (got - exact).norm() / exact.norm() < 0.08
+
+
+def test_fp8_activation_amax_bound(gen):
+    norm = RMSNormFP8(RMSNorm(64, 1e-5))
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        norm.weight[5] = 1e4  # an outlier channel: normalized values ~1e4 in column 5
+    xq, scale = norm(torch.randn(3, 64, generator=gen) + 0.5)
+    torch.testing.assert_close(scale, torch.full((3,), 1200.0 / 448.0))  # amax clamped at 1200
+    assert (xq[:, 5].float().abs() == 448).all()  # the outlier saturates instead of crushing the row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_model_close_to_unquantized(dtype, gen):
+    cfg = get_config("debug", n_layers=4, **SMALL)
+    model = random_model(cfg, gen).to(dtype)
+    tokens = tokens_like(cfg, 2, 21, gen)
+    with torch.no_grad():
+        want = model(tokens).float()
+        quantize_model_fp8(model)
+        got = model(tokens)
+    assert model.fp8_layers == [1, 2] and got.dtype == dtype
+    # random weights are a harsh case (no redundancy); measured ~4-5% relative rms change on logits
+    assert (got.float() - want).norm() / want.norm() < 0.10
+    with pytest.raises(ValueError, match="meta"):
+        with torch.device("meta"):
+            quantize_model_fp8(Transformer(cfg))

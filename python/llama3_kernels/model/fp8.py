@@ -1,0 +1,94 @@
+"""FP8 inference path of the Llama 3 paper (section 6): row-wise FP8 in the FFN of the inner layers.
+
+Only the feed-forward linears are quantized (attention stays in 16 bits) and the first and last layers are
+left alone. Weights get one fp32 scale per output row; activations one scale per token row, computed from
+an amax bounded at 1200 so that rare outliers do not crush the other values of their row. At run time:
+ffn_norm + residual + quantize (rms_norm_fp8) → one fused w1|w3 GEMM → swiglu_fp8 → w2 GEMM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from llama3_kernels import ops
+from llama3_kernels.model.model import FeedForward, RMSNorm, Transformer
+
+ACT_AMAX_UB = 1200.0  # the paper's upper bound on activation row amax
+
+
+class RMSNormFP8(nn.Module):
+    """ffn_norm fused with the residual add and row-wise e4m3 quantization: returns ((q, scale), h)."""
+
+    def __init__(self, norm: RMSNorm, amax_ub: float = ACT_AMAX_UB):
+        super().__init__()
+        self.eps, self.amax_ub = norm.eps, amax_ub
+        self.weight = norm.weight  # same parameter and name: layers.N.ffn_norm.weight
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm_fp8(x, self.weight, self.eps, amax_ub=self.amax_ub)
+        q, scale, h = ops.rms_norm_fp8(x, self.weight, self.eps, residual, self.amax_ub)
+        return (q, scale), h
+
+
+class FeedForwardFP8(nn.Module):
+    """SwiGLU FFN on row-wise FP8 weights: w13 = [w1; w3] as e4m3 [2F, dim] and w2 as e4m3 [dim, F]."""
+
+    def __init__(self, ff: FeedForward, amax_ub: float = ACT_AMAX_UB, weight_amax_ub: float = math.inf):
+        super().__init__()
+        self.amax_ub, self.out_dtype = amax_ub, ff.w1.weight.dtype
+        with torch.no_grad():
+            w13 = torch.cat([ff.w1.weight, ff.w3.weight])  # [2F, dim], gate rows first
+            w13_q, w13_scale = ops.quantize_fp8_rowwise(w13, amax_ub=weight_amax_ub)
+            w2_q, w2_scale = ops.quantize_fp8_rowwise(ff.w2.weight.contiguous(), amax_ub=weight_amax_ub)
+        self.register_buffer("w13", w13_q)
+        self.register_buffer("w13_scale", w13_scale)
+        self.register_buffer("w2", w2_q)
+        self.register_buffer("w2_scale", w2_scale)
+
+    def forward(self, x: tuple[Tensor, Tensor]) -> Tensor:
+        xq, x_scale = x  # [B, S, dim] e4m3, [B, S] fp32
+        gate_up = ops.fp8_rowwise_mm(xq, x_scale, self.w13, self.w13_scale, out_dtype=self.out_dtype)  # [B, S, 2F]
+        aq, a_scale = ops.swiglu_fp8(gate_up, amax_ub=self.amax_ub)  # [B, S, F] e4m3, [B, S]
+        return ops.fp8_rowwise_mm(aq, a_scale, self.w2, self.w2_scale, out_dtype=self.out_dtype)  # [B, S, dim]
+
+
+def quantize_model_fp8(
+    model: Transformer,
+    amax_ub: float = ACT_AMAX_UB,
+    weight_amax_ub: float = math.inf,
+    skip_first_last: bool = True,
+) -> Transformer:
+    """Switch the FFNs of a model to row-wise FP8, in place. Cast the model to its final dtype first.
+
+    Args:
+        model: a Transformer with real (not meta) weights.
+        amax_ub: bound on activation row amax (1200 in the paper).
+        weight_amax_ub: bound on weight row amax (none by default: weights are known and outlier-free).
+        skip_first_last: leave the first and last layers in 16 bits, as the paper does.
+    Returns:
+        The same model; its `fp8_layers` attribute lists the converted layer indices.
+    Raises:
+        ValueError if the weights are on the meta device or the FFN sizes are not multiples of 16.
+    """
+    if model.tok_embeddings.weight.is_meta:
+        raise ValueError("model: weights are on the meta device; load or initialize them first")
+    if model.cfg.dim % 16 or model.cfg.ffn_dim % 16:
+        raise ValueError(
+            f"model: FP8 GEMMs need dim and ffn_dim multiples of 16, got {model.cfg.dim}, {model.cfg.ffn_dim}"
+        )
+    n = len(model.layers)
+    picked = range(1, n - 1) if skip_first_last else range(n)
+    done = []
+    for i in picked:
+        layer = model.layers[i]
+        if isinstance(layer.feed_forward, FeedForwardFP8):
+            continue
+        layer.ffn_norm = RMSNormFP8(layer.ffn_norm, amax_ub)
+        layer.feed_forward = FeedForwardFP8(layer.feed_forward, amax_ub, weight_amax_ub)
+        done.append(i)
+    model.fp8_layers = sorted({*getattr(model, "fp8_layers", []), *done})
+    return model
