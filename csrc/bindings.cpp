@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "gemm/gemm.h"
 #include "norm/norm.h"
 
 namespace py = pybind11;
@@ -20,6 +21,11 @@ PYBIND11_MODULE(_C, m) {
   // ---- end norm family ---------------------------------------------------------------------------
 
   // ---- gemm family: csrc/gemm/ -------------------------------------------------------------------
+  m.def("fp8_rowwise_mm", &l3k::fp8_rowwise_mm, "y = (xq · wqᵀ) · x_scale[:, None] · w_scale (+ bias), FP8 row-wise",
+        py::arg("xq"), py::arg("x_scale"), py::arg("wq"), py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"),
+        py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype"), py::arg("stream"));
+  m.def("fp8_rowwise_mm_config", &l3k::fp8_rowwise_mm_config, "tile configuration fp8_rowwise_mm picks for (M, N, K)",
+        py::arg("m"), py::arg("n"), py::arg("k"));
   // ---- end gemm family ---------------------------------------------------------------------------
 
   // ---- attention family: csrc/attention/ ---------------------------------------------------------

@@ -34,15 +34,20 @@ def fp8_rowwise_mm_fwd(
 
 @fp8_rowwise_mm_fwd.register_kernel("cuda")
 def _fp8_mm_cuda(xq, x_scale, wq, w_scale, bias, out_dtype):
-    if not use_cuda_kernel("fp8_rowwise_mm", xq, wq, bias) or out_dtype not in HALF_DTYPES:
-        return reference.fp8_rowwise_mm(xq, x_scale, wq, w_scale, bias, out_dtype)
     m, k = xq.shape
     n = wq.shape[0]
+    xq, x_scale, wq, w_scale = xq.contiguous(), x_scale.contiguous(), wq.contiguous(), w_scale.contiguous()
+    bias32 = bias.float().contiguous() if bias is not None else None  # the epilogue reads fp32: exact for any dtype
+    launchable = use_cuda_kernel("fp8_rowwise_mm", xq, x_scale, wq, w_scale, bias32) and out_dtype in HALF_DTYPES
+    if not launchable or k == 0:  # fp32 output, K = 0 or misaligned data: the reference
+        return reference.fp8_rowwise_mm(xq, x_scale, wq, w_scale, bias, out_dtype)
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    kernel("fp8_rowwise_mm")(
-        ptr(xq), ptr(x_scale), ptr(wq), ptr(w_scale), ptr(bias),
-        DTYPE_CODES[bias.dtype] if bias is not None else -1, ptr(y), m, n, k, DTYPE_CODES[out_dtype], stream(xq),
-    )  # fmt: skip
+    with torch.cuda.device(xq.device):  # the launcher runs on the current device
+        kernel("fp8_rowwise_mm")(
+            ptr(xq), ptr(x_scale), ptr(wq), ptr(w_scale), ptr(bias32),
+            DTYPE_CODES[torch.float32] if bias32 is not None else -1, ptr(y), m, n, k, DTYPE_CODES[out_dtype],
+            stream(xq),
+        )  # fmt: skip
     return y
 
 
