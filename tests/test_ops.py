@@ -155,7 +155,8 @@ def test_swiglu_matches_torch(gen, m, f):
 
 def test_swiglu_bf16_single_rounding(gen):
     g, u = randn(gen, 37, 1128, dtype=torch.bfloat16, scale=4), randn(gen, 37, 1128, dtype=torch.bfloat16)
-    assert bf16_ulps(l3k.swiglu(g, u), F.silu(g.double()) * u.double()) <= 0.5 + 1e-6
+    # one round-to-nearest of an fp32 result: half a bf16 ulp plus a few fp32 ulps (2^-16 bf16 ulps each)
+    assert bf16_ulps(l3k.swiglu(g, u), F.silu(g.double()) * u.double()) <= 0.5 + 1e-4
 
 
 @pytest.mark.parametrize("fused", [False, True])
