@@ -221,3 +221,28 @@ def _spawn(fn, nprocs: int, args: tuple, timeout_s: float = 180.0) -> None:
 @pytest.mark.parametrize("cp, c", [(2, 7), (4, 5)])
 def test_cp_gloo_equals_single_process_attention(cp, c, gen):
     _spawn(_worker, cp, (cp, _free_port(), gen.initial_seed(), c))
+
+
+# ------------------------------------------------------------------------------------- scale model
+def test_cp_plan_405b_128k_lands_near_paper_mfu(capsys):
+    from llama3_kernels.distributed.plan import Hardware, estimate, main, model_shape
+
+    shape = model_shape("llama3.1-405b")
+    assert 400e9 < shape.n_params < 410e9
+    hw = Hardware(peak_tflops=989.0, nvlink_gbps=360.0, ib_gbps=40.0, gpus_per_node=8)
+    # the 8K run itself: CP = 1 must give back the measured MFU (41% on 16K GPUs, Llama 3 Table 4)
+    assert abs(estimate(shape, 8192, 1, 8, hw, mfu_base=0.41).mfu - 0.41) < 1e-9
+    e = estimate(shape, 131072, 16, 8, hw, mfu_base=0.41, attn_eff=None, overlap=0.0, grad_bytes=4)
+    assert e.link == "network" and e.local_tokens == 8192
+    # K/V bytes received per rank: 15 peers × 8192 tokens × 1 KV head × 128 × (2 K/V bf16 twice + fp32 grads)
+    assert e.comm_s == pytest.approx(15 * 8192 * 128 * 2 * (2 * 2 + 4) / 40e9)
+    assert e.gathered_kv_bytes == 131072 * 128 * 2 * 2
+    print(f"405B 128K CP16: MFU {e.mfu:.3f}, CP efficiency {e.cp_efficiency:.3f} (paper: 0.38)")
+    assert abs(e.mfu - 0.38) < 0.02
+    for eff in (0.34, 0.55):  # sensitivity: FlashAttention-2-class vs FlashAttention-3-class attention
+        print(f"  attn_eff {eff}: MFU {estimate(shape, 131072, 16, 8, hw, attn_eff=eff).mfu:.3f}")
+    assert estimate(shape, 131072, 16, 8, hw, overlap=1.0).cp_efficiency == 1.0
+    assert main(["--model", "llama3.1-405b", "--seq", "131072", "--cp", "16", "--tp", "8"]) == 0
+    assert "estimated MFU 38" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seq"):
+        estimate(shape, 131072 + 16, 16)
