@@ -291,6 +291,7 @@ void check_fwd_args(uptr x, int64_t x_row_stride, uptr residual, int64_t residua
   require_sizes(M, N, num_sms, "N");
   require(N > 0, "N", "expected > 0, got 0");
   require(eps >= 0 && std::isfinite(eps), "eps", "expected a finite value >= 0, got " + std::to_string(eps));
+  if (M == 0) return;  // empty tensors may have null data pointers
   require_ptr(x, "x");
   require_ptr(weight, "weight");
   require_stride(x_row_stride, N, M, "x_row_stride");
@@ -324,9 +325,9 @@ void rms_norm_fwd(uptr x, int64_t x_row_stride, uptr residual, int64_t residual_
   const DType dtype = half_dtype(dtype_code, "dtype");
   const DType wdt = weight_dtype(weight_dtype_code, "weight_dtype");
   check_fwd_args(x, x_row_stride, residual, residual_row_stride, weight, h_out, M, N, eps, num_sms);
+  if (M == 0) return;
   require_ptr(y, "y");
   require_ptr(rstd, "rstd");
-  if (M == 0) return;
   const int vec = pick_vec({N, x_row_stride, residual_row_stride},
                            {{x, 2}, {residual, 2}, {weight, dtype_size(wdt)}, {y, 2}, {h_out, 2}});
   FwdParams p{};
@@ -352,9 +353,9 @@ void rms_norm_fp8_fwd(uptr x, int64_t x_row_stride, uptr residual, int64_t resid
   const DType wdt = weight_dtype(weight_dtype_code, "weight_dtype");
   check_fwd_args(x, x_row_stride, residual, residual_row_stride, weight, h_out, M, N, eps, num_sms);
   require(amax_ub > 0, "amax_ub", "expected > 0, got " + std::to_string(amax_ub));
+  if (M == 0) return;
   require_ptr(q, "q");
   require_ptr(scale, "scale");
-  if (M == 0) return;
   const int vec = pick_vec({N, x_row_stride, residual_row_stride},
                            {{x, 2}, {residual, 2}, {weight, dtype_size(wdt)}, {q, 1}, {h_out, 2}});
   FwdParams p{};

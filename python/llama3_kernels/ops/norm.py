@@ -25,6 +25,7 @@ from llama3_kernels.ops._common import (
 )
 
 _EMPTY = (0,)
+_DW_PARTIAL_ROWS_PER_SM = 16  # rms_norm_bwd scratch: at most this many fp32 partial dW rows per SM
 
 
 def _ref_fwd(x, weight, residual, eps):
@@ -76,9 +77,14 @@ def _rms_norm_bwd_cuda(dy, h, weight, rstd, dh):
     dh = dh.contiguous() if dh is not None else None
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     dw = torch.empty((n,), dtype=weight.dtype, device=h.device)
+    # fp32 dW partial rows, one per resident row group: bounded by the SM count, never by M. The kernel uses
+    # at most `rows` of them (fewer CTAs if that bound bites), and only those are read back.
+    num_sms = sm_count(h.device.index)
+    rows = _DW_PARTIAL_ROWS_PER_SM * num_sms
+    partial = torch.empty((rows, n), dtype=torch.float32, device=h.device)
     kernel("rms_norm_bwd")(
         ptr(dy), ptr(h), ptr(weight), DTYPE_CODES[weight.dtype], ptr(rstd), ptr(dh), ptr(dx), ptr(dw),
-        m, n, DTYPE_CODES[h.dtype], sm_count(h.device.index), stream(h),
+        ptr(partial), rows, m, n, DTYPE_CODES[h.dtype], num_sms, stream(h),
     )  # fmt: skip
     return dx, dw
 
