@@ -41,7 +41,9 @@ class Impl:
         ours: True for this project's op.
         skip: a reason; the impl is not run and its row says "skipped: <reason>".
         bytes, flops: override the case's figures when this impl must move different bytes (bf16 vs fp8).
-        note: a short remark shown with the result (e.g. "K/V repeated: backend lacks GQA").
+        peak: overrides the case's MFU denominator (an fp8 impl in a bf16 row).
+        note: a short remark shown with the result; `make` may instead set a `note` attribute on the
+            callable it returns (e.g. "K/V repeated: backend lacks GQA").
     """
 
     name: str
@@ -50,6 +52,7 @@ class Impl:
     skip: str | None = None
     bytes: float | None = None
     flops: float | None = None
+    peak: float | None = None
     note: str = ""
 
 
@@ -70,6 +73,7 @@ class Case:
     peak: float | None = None  # TFLOP/s denominator for MFU (None: no MFU column)
     unit: str = ""  # extra throughput unit for end-to-end rows ("tokens", with `items` per call)
     items: float | None = None
+    api: str = ""  # the public op whose path (kernel or reference) this project's impl reports; default `op`
 
     @property
     def key(self) -> str:
@@ -163,7 +167,7 @@ def _first_line(e: BaseException) -> str:
     return text[:200]
 
 
-def _figures(res: Result, case: Case, impl: Impl) -> None:
+def _figures(res: Result, case: Case, impl: Impl, on_gpu: bool) -> None:
     sec = res.ms / 1e3
     nbytes = impl.bytes if impl.bytes is not None else case.bytes
     flops = impl.flops if impl.flops is not None else case.flops
@@ -171,8 +175,9 @@ def _figures(res: Result, case: Case, impl: Impl) -> None:
         res.tbps = nbytes / sec / 1e12
     if flops:
         res.tflops = flops / sec / 1e12
-        if case.peak:
-            res.mfu = res.tflops / case.peak
+        peak = impl.peak if impl.peak is not None else case.peak
+        if peak and on_gpu:  # a GPU peak means nothing for a CPU timing
+            res.mfu = res.tflops / peak
     if case.items:
         res.items_per_s = case.items / sec
 
@@ -196,8 +201,9 @@ def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
         else:
             try:
                 fn = impl.make(inputs)
+                res.note = getattr(fn, "note", None) or res.note
                 res.ms, res.ms_min, res.reps = timer.measure(fn)
-                _figures(res, case, impl)
+                _figures(res, case, impl, timer.cuda)
             except Exception as e:  # a peer that cannot run says why
                 res.status, res.reason = "error", _first_line(e)
                 _free(timer.device)
@@ -258,7 +264,7 @@ def run_cases(
     bar = tqdm(cases, desc="bench", unit="row", disable=not progress, dynamic_ncols=True)
     for case in bar:
         bar.set_postfix_str(f"{case.op} {case.mode} {case.shape}"[:60])
-        path = (our_paths or {}).get(case.op, "")
+        path = (our_paths or {}).get(case.api or case.op, "")
         rows.append(row_dict(case, run_case(case, timer, path), label))
     return rows
 

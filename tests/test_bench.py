@@ -1,0 +1,244 @@
+"""The bench harness and `l3k bench`: CPU runs are labelled, results files are valid, the gate catches regressions.
+
+The GPU benches cannot run here; their case tables (shapes, FLOP and byte counts, peers) are built for the
+GPU tiers without touching a GPU and checked against the issue's numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from llama3_kernels.bench import bench_attention, bench_gemm, bench_model, cli, harness
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One quick CPU run of two families through the CLI entry, with JSON and markdown written."""
+    d = tmp_path_factory.mktemp("bench")
+    js, md = d / "cur.json", d / "cur.md"
+    rc = cli.main(["--quick", "--device", "cpu", "--ops", "norm,gemm", "--no-progress",
+                   "--json", str(js), "--markdown", str(md)])  # fmt: skip
+    assert rc == 0
+    return d, js, md
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_cpu_run_is_valid_and_labelled(cpu_run):
+    _, js, md = cpu_run
+    doc = harness.load_json(js)
+    env, rows = doc["env"], doc["rows"]
+    assert env["device"] == "cpu" and env["gpu"] is None and env["torch"] == torch.__version__
+    assert env["commit"] and env["date"] and "llama3_kernels" in env
+    assert {r["family"] for r in rows} == {"norm", "gemm"}
+    assert len(rows) == 6 + 3  # norm: 2 CPU shapes x 3 modes; gemm: 3 values of M
+    for r in rows:
+        assert r["label"] == harness.CPU_LABEL
+        ours = [x for x in r["results"] if x["ours"]]
+        assert len(ours) == 1 and ours[0]["status"] == "ok" and ours[0]["ms"] > 0
+        assert ours[0]["path"] == "reference (CPU)"  # never presented as a kernel
+        for x in r["results"]:
+            if x["status"] == "ok":
+                assert x["ms"] >= x["ms_min"] > 0 and x["reps"] >= 3 and x["mfu"] is None
+            else:  # skipped or failed rows carry a reason and no number
+                assert x["reason"] and x["ms"] is None and x["tbps"] is None
+        if r["best_peer"] is not None:
+            best = min(x["ms"] for x in r["results"] if not x["ours"] and x["status"] == "ok")
+            assert r["speedup_vs_best_peer"] == pytest.approx(best / ours[0]["ms"])
+    norm = next(r for r in rows if r["op"] == "rms_norm" and r["mode"] == "fwd" and r["shape"] == "37x760")
+    assert norm["bytes"] == 2 * 37 * 760 * 2 + 760 * 2
+    assert {x["impl"]: x["status"] for x in norm["results"]}["Liger-Kernel"] == "skipped"
+    ours = next(x for x in norm["results"] if x["ours"])
+    assert ours["tbps"] == pytest.approx(norm["bytes"] / (ours["ms"] / 1e3) / 1e12)
+    text = md.read_text()
+    assert "CPU reference timings only" in text and "## norm" in text and "## gemm" in text
+    assert "bytes = 2·M·N·2 + N·2" in text and "FLOPs = 2·M·N·K" in text
+
+
+def test_compare_gate_names_regressed_rows(cpu_run, capsys):
+    d, js, _ = cpu_run
+    doc = json.loads(js.read_text())
+    faster = copy.deepcopy(doc)  # a synthetic baseline where this project's op was twice as fast
+    victim = faster["rows"][1]
+    for x in victim["results"]:
+        if x["ours"]:
+            x["ms"] /= 2
+    rc = cli.main(["--compare", _write(d / "fast.json", faster), "--current", str(js), "--max-regression", "5%"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "REGRESSION: 1 row(s)" in out and victim["key"] in out and "+100.0%" in out
+
+    slower = copy.deepcopy(doc)  # a baseline where everything was slower: the gate passes
+    for r in slower["rows"]:
+        for x in r["results"]:
+            if x["status"] == "ok":
+                x["ms"] *= 2
+    assert cli.main(["--compare", _write(d / "slow.json", slower), "--current", str(js)]) == 0
+    assert cli.main(["--compare", str(js), "--current", str(js), "--max-regression", "0"]) == 0
+
+
+def test_compare_gate_counts_failures_and_tolerance(cpu_run):
+    _, js, _ = cpu_run
+    base = harness.load_json(js)
+    cur = copy.deepcopy(base)
+    row = cur["rows"][0]
+    ours = next(x for x in row["results"] if x["ours"])
+    ours.update(status="error", reason="CUDA error: illegal address", ms=None)
+    peer = next(x for x in cur["rows"][2]["results"] if not x["ours"] and x["status"] == "ok")
+    peer["ms"] *= 10  # a peer got slower: not this project's regression unless all impls are gated
+    bad = harness.compare(base, cur, 0.05)
+    assert len(bad) == 1 and row["key"] in bad[0] and "illegal address" in bad[0]
+    assert len(harness.compare(base, cur, 0.05, all_impls=True)) == 2
+    ours_ms = next(x for x in cur["rows"][3]["results"] if x["ours"])
+    ours_ms["ms"] = next(x for x in base["rows"][3]["results"] if x["ours"])["ms"] * 1.04
+    assert len(harness.compare(base, cur, 0.05)) == 1  # +4% is inside a 5% gate
+    assert len(harness.compare(base, cur, 0.03)) == 2
+
+
+def test_compare_refuses_other_device_and_bad_args(cpu_run, tmp_path, capsys):
+    _, js, _ = cpu_run
+    other = harness.load_json(js)
+    other["env"].update(device="cuda", gpu="NVIDIA H100 80GB HBM3")
+    assert cli.main(["--compare", _write(tmp_path / "h100.json", other), "--current", str(js)]) == 2
+    assert "cannot compare" in capsys.readouterr().err
+    assert cli.main(["--ops", "norm,nonsense", "--device", "cpu"]) == 2
+    assert cli.main(["--current", str(js)]) == 2
+    (tmp_path / "junk.json").write_text('{"rows": 3}')
+    assert cli.main(["--compare", str(tmp_path / "junk.json"), "--current", str(js)]) == 2
+
+
+def test_run_then_compare_in_one_command(tmp_path, capsys):
+    """The CI form: run the benches and gate against a baseline in one call (a baseline no CPU can beat)."""
+    base = tmp_path / "base.json"
+    assert cli.main(["--quick", "--device", "cpu", "--ops", "fp8", "--no-progress", "--json", str(base)]) == 0
+    doc = json.loads(base.read_text())
+    for r in doc["rows"]:
+        for x in r["results"]:
+            if x["ours"] and x["status"] == "ok":
+                x["ms"] = 1e-9
+    _write(base, doc)
+    rc = cli.main(["--quick", "--device", "cpu", "--ops", "fp8", "--no-progress", "--compare", str(base)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "quantize_fp8_rowwise | fwd | 256x1024" in out
+
+
+@pytest.mark.parametrize("text,value", [("5%", 0.05), ("0.05", 0.05), ("12.5%", 0.125), ("0", 0.0)])
+def test_parse_fraction(text, value):
+    assert harness.parse_fraction(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["five", "-5%", "%"])
+def test_parse_fraction_rejects(text):
+    with pytest.raises(ValueError, match="max-regression"):
+        harness.parse_fraction(text)
+
+
+def test_timer_cpu_median():
+    timer = harness.Timer(torch.device("cpu"), harness.Settings(warmup=1, min_reps=5, max_reps=5, budget_ms=1))
+    calls = []
+    med, low, reps = timer.measure(lambda: calls.append(1))
+    assert reps == 5 and len(calls) == 1 + 2 + 5 and 0 < low <= med
+
+
+def test_failing_impl_becomes_error_row_not_a_number():
+    def boom(_):
+        raise RuntimeError("no kernel image for this device")
+
+    case = harness.Case("t", "op", "fwd", "1", "bf16", lambda: None, [
+        harness.Impl(harness.OURS, lambda _: lambda: None, ours=True),
+        harness.Impl("peer", boom),
+        harness.Impl("absent", skip="not installed"),
+    ], bytes=10)  # fmt: skip
+    timer = harness.Timer(torch.device("cpu"), harness.Settings(warmup=1, min_reps=3, max_reps=3))
+    rows = harness.row_dict(case, harness.run_case(case, timer), harness.CPU_LABEL)
+    by = {x["impl"]: x for x in rows["results"]}
+    assert by["peer"]["status"] == "error" and "no kernel image" in by["peer"]["reason"] and by["peer"]["ms"] is None
+    assert by["absent"]["status"] == "skipped" and by["absent"]["reason"] == "not installed"
+    assert by[harness.OURS]["status"] == "ok" and rows["speedup_vs_best_peer"] is None
+
+
+def _gpu_cases(family_module, quick=False):
+    return family_module.cases(harness.Context(torch.device("cuda"), quick=quick))
+
+
+def test_gpu_case_tables_match_the_issue():
+    """Full-tier cases build without a GPU; shapes and FLOP counts are the issue's."""
+    from llama3_kernels.bench import bench_decode, bench_fp8, bench_norm, bench_swiglu
+
+    counts = {bench_norm: 9, bench_swiglu: 4, bench_fp8: 7, bench_gemm: 40, bench_attention: 8, bench_decode: 3}
+    for mod, n in counts.items():
+        cases = _gpu_cases(mod)
+        assert len(cases) == n, mod.FAMILY
+        for c in cases:
+            assert sum(i.ours for i in c.impls) >= 1 and any(not i.ours for i in c.impls)
+            assert c.formula and (c.bytes or c.flops)
+        assert len({c.key for c in cases}) == n  # keys identify rows for the gate
+    gemm = {c.shape: c for c in _gpu_cases(bench_gemm)}
+    c = gemm["405B w2 M=8192 N=16384 K=53248"]
+    assert c.flops == 2 * 8192 * 16384 * 53248 and c.peak == harness.PEAK_TFLOPS["fp8"]
+    assert "1 " not in {s.split("M=")[1].split()[0] for s in gemm} and len({s.split(" M=")[0] for s in gemm}) == 8
+    attn = _gpu_cases(bench_attention)
+    causal = [c for c in attn if c.op == "flash_attention causal"]
+    assert {c.shape for c in causal} == {f"B={16384 // s} S={s} H=32/8 D=128" for s in (1024, 4096, 16384)}
+    fwd = next(c for c in causal if c.mode == "fwd" and "S=4096" in c.shape)
+    bwd = next(c for c in causal if c.mode == "bwd" and "S=4096" in c.shape)
+    assert fwd.flops == 4 * 4 * 32 * 4096**2 * 128 / 2 and bwd.flops == 2.5 * fwd.flops
+    quick = _gpu_cases(bench_norm, quick=True)
+    assert {c.shape for c in quick} == {"16384x4096"}
+
+
+def test_document_mask_flops_are_exact():
+    rng = random.Random(0)
+    lengths = bench_attention.doc_lengths(8192, 256, 4096, rng)
+    assert sum(lengths) == 8192 and all(n <= 4096 for n in lengths) and all(n >= 256 for n in lengths[:-1])
+    doc = next(c for c in _gpu_cases(bench_attention) if c.op == "flash_attention document" and c.mode == "fwd")
+    rng = random.Random(bench_attention.DOC_SEED)
+    docs = [bench_attention.doc_lengths(8192, 256, 4096, rng) for _ in range(2)]
+    pairs = sum(n * (n + 1) // 2 for d in docs for n in d)
+    assert doc.flops == 4 * 32 * 128 * pairs
+    dense = 4 * 2 * 32 * 8192**2 * 128 / 2
+    assert doc.flops < dense  # the document mask removes work beyond the causal half
+
+
+def test_document_mask_inputs_agree():
+    """cu_seqlens, the FlexAttention document ids and the dense SDPA mask describe the same documents."""
+    ctx = harness.Context(torch.device("cpu"))
+    docs = [[3, 5], [8]]
+    i = bench_attention._inputs(ctx, 2, 8, 2, 1, 8, False, docs)()
+    assert i["cu_seqlens"].tolist() == [0, 3, 8, 16] and i["max_seqlen"] == 8
+    assert i["doc_id"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
+    m = i["dense_mask"][0, 0]
+    assert m[4, 3] and not m[3, 2 + 2] and not m[4, 2] and m[2, 0] and not m[0, 2]
+
+
+def test_plain_peer_model_is_the_same_model():
+    """The plain-PyTorch peer computes the project model's logits (fp32, CPU), so the end-to-end rows compare like with like."""
+    if bench_model.model_skip():
+        pytest.skip(bench_model.model_skip())
+    ctx = harness.Context(torch.device("cpu"))
+    cfg = bench_model._config(ctx)
+    ours, plain = bench_model._models(ctx, cfg, torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        a, b = ours(tokens), plain(tokens)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    kv = cfg.n_kv_heads * cfg.head_dim
+    n = cfg.n_layers * (2 * cfg.dim**2 + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.ffn_dim) + cfg.vocab_size * cfg.dim
+    assert bench_model.matmul_params(cfg) == n
+
+
+def test_plot_writes_one_png_per_family(cpu_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, js, _ = cpu_run
+    doc = harness.load_json(js)
+    paths = harness.plot(doc["env"], doc["rows"], tmp_path)
+    assert sorted(p.name for p in paths) == ["gemm.png", "norm.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
