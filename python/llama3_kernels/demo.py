@@ -58,13 +58,11 @@ def main(argv: list[str]) -> int:
     print(f"\n== ops on {device} (max abs error vs an independent fp64 formula)")
     for name, err in check_ops(device):
         print(f"  {name:32s} {err:.2e}")
-    try:
-        from llama3_kernels.generate import demo as generate_demo
-    except ImportError as e:  # the model package is optional at this stage of the build-out
-        print(f"\n(generation skipped: {e})")
-        return 0
-    print("\n== generation")
+    print("\n== generation: SmolLM2-135M-Instruct (real weights, Q4_1 GGUF dequantized) through these ops")
     start = time.time()
-    generate_demo(device)
-    print(f"(generation demo took {time.time() - start:.1f} s)")
-    return 0
+    from llama3_kernels.generate import main as generate_main
+
+    prompt = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
+    rc = generate_main(["--model", "smollm2-135m", "--chat", "--prompt", prompt, "--max-new-tokens", "48"])
+    print(f"(generation took {time.time() - start:.1f} s including loading)")
+    return rc
