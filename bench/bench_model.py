@@ -192,6 +192,11 @@ def _decode_inputs(ctx, cfg, cached, length, dtype):
         ours, plain = _models(ctx, cfg, dtype)
         ours.setup_cache(1, length)
         plain.setup_cache(length)
+        for mine, theirs in zip(ours.layers, plain.layers):  # the same random history in both caches
+            for name in ("k_cache", "v_cache"):
+                cache = getattr(mine.attention, name)
+                cache.normal_()
+                getattr(theirs, name).copy_(cache.transpose(1, 2))  # [1, L, Hkv, D] → [1, Hkv, L, D]
         token = torch.randint(0, cfg.vocab_size, (1, 1), device=ctx.device)
         return {
             "ours": ours, "plain": plain, "token": token,

@@ -199,6 +199,7 @@ def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
         elif deadline is not None and time.monotonic() > deadline:
             res.status, res.reason = "skipped", "time budget of this run exhausted"
         else:
+            fn = None
             try:
                 fn = impl.make(inputs)
                 res.note = getattr(fn, "note", None) or res.note
@@ -206,7 +207,8 @@ def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
                 _figures(res, case, impl, timer.cuda)
             except Exception as e:  # a peer that cannot run says why
                 res.status, res.reason = "error", _first_line(e)
-                _free(timer.device)
+            del fn  # its closure holds this impl's tensors (a CUDA graph's pool too): free before the next
+            _free(timer.device)
         results.append(res)
     del inputs
     _free(timer.device)
