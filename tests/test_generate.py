@@ -36,6 +36,15 @@ def greedy_reference(model, prompt, n):
     return seq[len(prompt) :]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny shapes run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------ sampling
 def test_sample_greedy_and_top_k1(gen):
     logits = torch.randn(5, 300, generator=gen)
