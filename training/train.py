@@ -473,9 +473,12 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--tokenizer", help="Llama 3 tiktoken model file (default: bytes)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--corpus-bytes", type=int)
+    p.add_argument("--n-layers", type=int, help="override the model's layer count (quick experiments)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     args = vars(p.parse_args(argv))
     model = args.pop("config")
+    if (n_layers := args.pop("n_layers")) is not None:
+        args["model_overrides"] = {"n_layers": n_layers}
     args = {k: v for k, v in args.items() if v is not None and v is not False}
     args.setdefault("out", f"runs/{model}")
     return TrainConfig.for_model(model, **args)
