@@ -12,7 +12,8 @@ namespace l3k::norm {
 namespace {
 
 constexpr int kFwdRegVecs = 4;   // vectors of the row a forward thread keeps (raw 16-bit)
-constexpr int kBwdRegVecs = 2;   // the backward also keeps dy and an fp32 dW accumulator per vector
+constexpr int kBwdRegVecs = 4;   // the backward also keeps dy and an fp32 dW accumulator per vector,
+constexpr int kBwdMaxThreads = 512;  // so it trades threads for registers (<= 128 a thread, no spills)
 constexpr int kMaxThreads = 1024;
 
 struct FwdParams {
@@ -160,7 +161,7 @@ struct BwdParams {
 };
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const BwdParams p) {
   constexpr int K = kBwdRegVecs;
   __shared__ float red[32];
   const int t = threadIdx.x % p.tpr, group = threadIdx.x / p.tpr, nvec = p.N / VEC;
@@ -409,7 +410,7 @@ void rms_norm_bwd(uptr dy, uptr h, uptr weight, int weight_dtype_code, uptr rstd
       dispatch_vec(vec, [&](auto v) {
         constexpr int V = decltype(v)::value;
         auto kernel = rms_norm_bwd_kernel<T, V>;
-        RowPlan plan = plan_rows(kernel, M, N / V, kBwdRegVecs, kMaxThreads, num_sms);
+        RowPlan plan = plan_rows(kernel, M, N / V, kBwdRegVecs, kBwdMaxThreads, num_sms);
         require(partial_rows >= plan.rpc, "partial_rows",
                 "expected >= " + std::to_string(plan.rpc) + ", got " + std::to_string(partial_rows));
         plan.grid = static_cast<int>(std::min<int64_t>(plan.grid, partial_rows / plan.rpc));  // fewer CTAs, same rows
