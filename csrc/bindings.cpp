@@ -18,6 +18,14 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---- norm family: csrc/norm/ -------------------------------------------------------------------
+  namespace nrm = l3k::norm;
+  m.def("rms_norm_fwd", &nrm::rms_norm_fwd, "RMSNorm (+ residual) forward: y, h_out, rstd");
+  m.def("rms_norm_bwd", &nrm::rms_norm_bwd, "RMSNorm backward: dx (+ dh), dw through fp32 partial rows");
+  m.def("rms_norm_fp8_fwd", &nrm::rms_norm_fp8_fwd, "RMSNorm (+ residual) fused with row-wise e4m3 quantization");
+  m.def("swiglu_fwd", &nrm::swiglu_fwd, "silu(gate) * up");
+  m.def("swiglu_bwd", &nrm::swiglu_bwd, "SwiGLU backward: dgate, dup");
+  m.def("swiglu_fp8_fwd", &nrm::swiglu_fp8_fwd, "silu(gate) * up fused with row-wise e4m3 quantization");
+  m.def("quantize_fp8_rowwise", &nrm::quantize_fp8_rowwise, "row-wise e4m3 quantization with the Llama 3 scale");
   // ---- end norm family ---------------------------------------------------------------------------
 
   // ---- gemm family: csrc/gemm/ -------------------------------------------------------------------
