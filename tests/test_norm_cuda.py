@@ -55,7 +55,9 @@ def randn(gen, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
 
 def strided(gen, m: int, n: int, dtype, pad: int) -> torch.Tensor:
     """[m, n] view with row stride n + pad (pad 3 leaves no vector width but 1 for 16-bit rows)."""
-    return randn(gen, m, n + pad, dtype=dtype)[:, :n]
+    x = randn(gen, m, n + pad, dtype=dtype)[:, :n]
+    assert x.stride() == (n + pad, 1)
+    return x
 
 
 def assert_16bit_close(out: torch.Tensor, ref32: torch.Tensor, dtype, atol: float = 1e-6, msg: str = "") -> None:
