@@ -238,10 +238,13 @@ def test_meta_construction_and_assign_load(gen):
     with torch.device("meta"):
         fresh = Transformer(cfg)
     fresh.to_empty(device="cpu")
-    fresh.init_weights()
+    assert torch.equal(fresh.rope_cos, src.rope_cos)  # rebuilt by to_empty, not left uninitialized
+    fresh.load_state_dict(src.state_dict())  # copy in place, as a trainer resuming would
     with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), src(tokens), atol=0, rtol=0)
+        fresh.init_weights()
         out = fresh(tokens)
-    assert torch.isfinite(out).all() and torch.equal(fresh.rope_cos, src.rope_cos)
+    assert torch.isfinite(out).all() and (out - src(tokens)).abs().max() > 0
 
 
 def CONFIG_KEYS(cfg):
@@ -354,6 +357,13 @@ def test_fp8_model_close_to_unquantized(dtype, gen):
         quantize_model_fp8(model)
         got = model(tokens)
     assert model.fp8_layers == [1, 2] and got.dtype == dtype
+    ff = model.layers[1].feed_forward
+    w13, scale = ff.w13.clone(), ff.w13_scale.clone()
+    model.to(torch.float16)  # casts the 16-bit parts only: FP8 weights and fp32 scales are kept bit for bit
+    assert ff.w13.dtype == torch.float8_e4m3fn and torch.equal(ff.w13.view(torch.uint8), w13.view(torch.uint8))
+    assert torch.equal(ff.w13_scale, scale) and ff.out_dtype == torch.float16
+    with torch.no_grad():
+        assert model(tokens).dtype == torch.float16
     # random weights are a harsh case (no redundancy); measured ~4-5% relative rms change on logits
     assert (got.float() - want).norm() / want.norm() < 0.10
     with pytest.raises(ValueError, match="meta"):

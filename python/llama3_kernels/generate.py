@@ -295,6 +295,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     p.add_argument("--system", default=None, help="with --chat: a system message")
     p.add_argument("--fp8", action="store_true", help="row-wise FP8 FFNs (all layers but the first and last)")
+    p.add_argument("--fp8-amax-ub", type=float, default=1200.0,
+                   help="bound on activation row amax (the paper's 1200; inf keeps massive activations)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=None)
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp8:
         from llama3_kernels.model.fp8 import quantize_model_fp8
 
-        quantize_model_fp8(model)
+        quantize_model_fp8(model, amax_ub=args.fp8_amax_ub)
     prompts = []
     for text in args.prompt:
         if args.chat:

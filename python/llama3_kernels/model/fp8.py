@@ -49,6 +49,15 @@ class FeedForwardFP8(nn.Module):
         self.register_buffer("w2", w2_q)
         self.register_buffer("w2_scale", w2_scale)
 
+    def _apply(self, fn, recurse=True):
+        # follow the model's device moves and dtype casts (which set the output dtype), but never cast the
+        # e4m3 weights or the fp32 scales: probe what fn does to a tensor of the current output dtype
+        probe = fn(torch.empty(0, dtype=self.out_dtype, device=self.w13.device))
+        self.out_dtype = probe.dtype
+        for name, buf in self._buffers.items():
+            self._buffers[name] = buf.to(probe.device)
+        return self
+
     def forward(self, x: tuple[Tensor, Tensor]) -> Tensor:
         xq, x_scale = x  # [B, S, dim] e4m3, [B, S] fp32
         gate_up = ops.fp8_rowwise_mm(xq, x_scale, self.w13, self.w13_scale, out_dtype=self.out_dtype)  # [B, S, 2F]
@@ -62,7 +71,7 @@ def quantize_model_fp8(
     weight_amax_ub: float = math.inf,
     skip_first_last: bool = True,
 ) -> Transformer:
-    """Switch the FFNs of a model to row-wise FP8, in place. Cast the model to its final dtype first.
+    """Switch the FFNs of a model to row-wise FP8, in place (later .to() moves and casts keep the FP8 weights).
 
     Args:
         model: a Transformer with real (not meta) weights.

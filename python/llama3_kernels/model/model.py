@@ -154,10 +154,17 @@ class Transformer(nn.Module):
         ).to(self.tok_embeddings.weight.device)  # fmt: skip
         self.rope_cos, self.rope_sin = rope_tables(freqs, c.max_seq_len)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device/dtype), .cuda(), .half(), to_empty(): rebuild the tables, so that they stay fp32 and
+        # never hold the uninitialized memory that to_empty leaves
+        super()._apply(fn, recurse)
+        if not self.tok_embeddings.weight.is_meta:
+            self.reset_rope()
+        return self
+
     def _check_rope(self) -> None:
-        # after load_state_dict(assign=True) from meta, or model.to(bf16), the tables need rebuilding
-        t, w = self.rope_cos, self.tok_embeddings.weight
-        if t.dtype != torch.float32 or t.device != w.device or (t.is_meta and not w.is_meta):
+        # load_state_dict(assign=True) into a meta-built model swaps in real weights but leaves meta tables
+        if self.rope_cos.is_meta and not self.tok_embeddings.weight.is_meta:
             self.reset_rope()
 
     # ---------------------------------------------------------------------------------------- KV cache
