@@ -112,17 +112,20 @@ class Generator:
     Args:
         model: a Transformer with real weights.
         tokenizer: optional; gives stop ids and text in the result.
-        cuda_graph: capture the decode step (default: on CUDA devices, when the compiled decode kernel exists;
-            the fp32 reference decode syncs with the host and cannot be captured).
+        cuda_graph: capture the decode step (default: on CUDA devices when the compiled decode kernel will run,
+            i.e. it was built and the model is bf16/fp16 with head dim 64 or 128; the reference decode syncs
+            with the host and cannot be captured).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, cuda_graph: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.device = model.tok_embeddings.weight.device
         if cuda_graph is None:
-            from llama3_kernels.ops._common import has_kernel
+            from llama3_kernels.ops._common import HALF_DTYPES, has_kernel
+            from llama3_kernels.ops.attention import KERNEL_HEAD_DIMS
 
-            cuda_graph = self.device.type == "cuda" and has_kernel("decode_attn")
+            kernel_runs = model.tok_embeddings.weight.dtype in HALF_DTYPES and model.cfg.head_dim in KERNEL_HEAD_DIMS
+            cuda_graph = self.device.type == "cuda" and has_kernel("decode_attn") and kernel_runs
         self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None

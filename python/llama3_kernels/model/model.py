@@ -74,10 +74,10 @@ class Attention(nn.Module):
             out = ops.flash_attention(
                 q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),  # [B*S, H, D]
                 causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-            ).view(b, s, self.n_heads, self.head_dim)  # fmt: skip
+            ).view(b, s, self.n_heads, self.head_dim)  # [B*S, Hq, D] -> [B, S, Hq, D]  # fmt: skip
         else:
             out = ops.flash_attention(q, k, v, causal=True)  # [B, S, Hq, D]
-        return self.wo(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, dim]
+        return self.wo(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, Hq*D] -> [B, S, dim]
 
 
 class FeedForward(nn.Module):
