@@ -1,6 +1,7 @@
 // pybind11 bindings of every launcher: one def each, nothing else. Pointers and streams travel as ints.
 #include <pybind11/pybind11.h>
 
+#include "attention/attention.h"
 #include "common.h"
 #include "gemm/gemm.h"
 #include "norm/norm.h"
@@ -37,5 +38,22 @@ PYBIND11_MODULE(_C, m) {
   // ---- end gemm family ---------------------------------------------------------------------------
 
   // ---- attention family: csrc/attention/ ---------------------------------------------------------
+  m.def("flash_attn_fwd", &l3k::flash_attn_fwd, "flash attention forward: out, lse (GQA, causal, padded or varlen)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"),
+        py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("max_seqlen"), py::arg("max_seqlen_k"), py::arg("total_q"),
+        py::arg("hq"), py::arg("hkv"), py::arg("d"), py::arg("causal"), py::arg("softmax_scale"), py::arg("dtype"),
+        py::arg("num_sms"), py::arg("stream"));
+  m.def("flash_attn_bwd", &l3k::flash_attn_bwd, "flash attention backward: dq, dk, dv (deterministic)",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dsum"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens"), py::arg("cu_seqlens_k"), py::arg("batch"),
+        py::arg("max_seqlen"), py::arg("max_seqlen_k"), py::arg("total_q_or_S"), py::arg("total_k_or_Sk"),
+        py::arg("hq"), py::arg("hkv"), py::arg("d"), py::arg("causal"), py::arg("softmax_scale"),
+        py::arg("deterministic"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
+  m.def("decode_attn", &l3k::decode_attn, "KV-cache decode attention, split-KV with a combine step",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"),
+        py::arg("o_accum"), py::arg("lse_accum"), py::arg("num_splits"), py::arg("B"), py::arg("Sq"), py::arg("Hq"),
+        py::arg("Hkv"), py::arg("D"), py::arg("L"), py::arg("k_stride_b"), py::arg("k_stride_l"),
+        py::arg("v_stride_b"), py::arg("v_stride_l"), py::arg("softmax_scale"), py::arg("dtype"), py::arg("num_sms"),
+        py::arg("stream"));
   // ---- end attention family ----------------------------------------------------------------------
 }

@@ -62,8 +62,8 @@ def _flash_attn_fwd_cuda(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seql
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
     kernel("flash_attn_fwd")(
         ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(cu_seqlens), ptr(cu_k),
-        batch, max_seqlen, max_seqlen_k, hq, hkv, d, bool(causal), float(softmax_scale),
-        DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
+        batch, max_seqlen, max_seqlen_k, q.shape[0] if varlen else 0, hq, hkv, d, bool(causal),
+        float(softmax_scale), DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
     )  # fmt: skip
     return out, lse
 
@@ -103,14 +103,15 @@ def _flash_attn_bwd_cuda(
 ):
     if not _kernel_ok("flash_attn_bwd", q, k, v, out, dout):
         return reference.flash_attention_backward(dout, q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
-    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+    q, k, v, out, dout, lse = (t.contiguous() for t in (q, k, v, out, dout, lse))
     varlen = cu_seqlens is not None
     batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dsum = torch.empty_like(lse)  # workspace: rowsum(dout * out) per (token, query head)
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
     kernel("flash_attn_bwd")(
-        ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dq), ptr(dk), ptr(dv),
+        ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dsum), ptr(dq), ptr(dk), ptr(dv),
         ptr(cu_seqlens), ptr(cu_k), batch, max_seqlen, max_seqlen_k, q.shape[0] if varlen else q.shape[1],
         k.shape[0] if varlen else k.shape[1], hq, hkv, d, bool(causal), float(softmax_scale), bool(deterministic),
         DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
@@ -147,15 +148,34 @@ def decode_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
 
 
+def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int) -> int:
+    """Split-KV count: enough CTAs for about two waves, at least one 64-key tile per split.
+
+    The kernel's CTA covers 64 query rows (the Sq new tokens times the query heads of one KV group) and
+    streams 64-key tiles; one split per CTA once the batch alone fills the GPU.
+    """
+    ctas = batch * hkv * -(-rows // 64)
+    tiles = -(-cache_len // 64)
+    return max(1, min(tiles, -(-2 * num_sms // max(ctas, 1)), 128))
+
+
 @decode_attn.register_kernel("cuda")
 def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
-    if not _kernel_ok("decode_attn", q, k_cache, v_cache) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+    strides_ok = all(t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in (k_cache, v_cache))
+    if not _kernel_ok("decode_attn", q, k_cache, v_cache) or not strides_ok:
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
-    q = q.contiguous()
+    q, cache_seqlens = q.contiguous(), cache_seqlens.contiguous()
     b, sq, hq, d = q.shape
+    hkv, cache_len = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
+    splits = _decode_splits(b, sq * (hq // hkv), hkv, cache_len, sm_count(q.device.index))
+    o_accum = lse_accum = None
+    if splits > 1:  # per-split partial outputs and log-sum-exps, merged by the combine kernel
+        o_accum = torch.empty((splits, b, sq, hq, d), dtype=torch.float32, device=q.device)
+        lse_accum = torch.empty((splits, b, sq, hq), dtype=torch.float32, device=q.device)
     kernel("decode_attn")(
-        ptr(q), ptr(k_cache), ptr(v_cache), ptr(cache_seqlens), ptr(out), b, sq, hq, k_cache.shape[2], d,
+        ptr(q), ptr(k_cache), ptr(v_cache), ptr(cache_seqlens), ptr(out), ptr(o_accum), ptr(lse_accum), splits,
+        b, sq, hq, hkv, d,
         k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         float(softmax_scale), DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
     )  # fmt: skip

@@ -1,0 +1,34 @@
+// Launchers of the attention family (csrc/attention/): flash attention forward and backward, KV-cache decode.
+// Pointers are device addresses and the stream a cudaStream_t, all as uintptr_t (0 = null); dtype codes as in
+// common.h. Workspaces are allocated by the caller (Python, with torch.empty) so kernels never allocate.
+#pragma once
+#include <cstdint>
+
+namespace l3k {
+
+// out/lse from q [B,S,Hq,D] (k/v [B,Sk,Hkv,D]) when cu_seqlens == 0, else packed q [T,Hq,D] (k/v [Tk,Hkv,D])
+// with int32 offsets cu_seqlens / cu_seqlens_k [batch+1]. lse fp32 [B,Hq,S] or [Hq,T] (total_q = T).
+// Causal masks are aligned bottom-right per sequence; rows that see no key get out 0 and lse -inf.
+void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, std::uintptr_t lse,
+                    std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int batch, int max_seqlen,
+                    int max_seqlen_k, int total_q, int hq, int hkv, int d, bool causal, float softmax_scale,
+                    int dtype, int num_sms, std::uintptr_t stream);
+
+// dq/dk/dv (dk/dv summed over each KV head's query heads). dsum: fp32 workspace shaped like lse.
+// total_q_or_S / total_k_or_Sk: tokens of packed q/k, or the padded lengths. Always deterministic (no atomics).
+void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                    std::uintptr_t lse, std::uintptr_t dsum, std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
+                    std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int batch, int max_seqlen,
+                    int max_seqlen_k, int total_q_or_S, int total_k_or_Sk, int hq, int hkv, int d, bool causal,
+                    float softmax_scale, bool deterministic, int dtype, int num_sms, std::uintptr_t stream);
+
+// q [B,Sq,Hq,D] contiguous against caches [B,L,Hkv,D] (strides in elements, unit stride in D) with int32
+// cache_seqlens [B]. num_splits > 1 splits each cache over CTAs (flash-decoding) and needs fp32 workspaces
+// o_accum [num_splits,B,Sq,Hq,D] and lse_accum [num_splits,B,Sq,Hq]; with 1 split they may be 0.
+void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t cache_seqlens,
+                 std::uintptr_t out, std::uintptr_t o_accum, std::uintptr_t lse_accum, int num_splits, int B, int Sq,
+                 int Hq, int Hkv, int D, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
+                 std::int64_t v_stride_b, std::int64_t v_stride_l, float softmax_scale, int dtype, int num_sms,
+                 std::uintptr_t stream);
+
+}  // namespace l3k

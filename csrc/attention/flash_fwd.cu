@@ -1,0 +1,387 @@
+// Flash attention forward (padded or varlen, GQA, bottom-right causal, log-sum-exp out) and split-KV decode
+// (flash-decoding) over a KV cache; both run the same tile kernel.
+//
+// Design (FlashAttention-2 on mma.sync; runs on sm_90a): a CTA of 4 warps owns 64 query rows of one head
+// (16 rows per warp) and streams 64-key K/V tiles through a double-buffered cp.async ring. Per tile each
+// warp computes S = Q Kᵀ (fp32), applies the causal / tail mask, updates the online softmax in fp32 with
+// exp2, and accumulates O += P V with P taken straight from the S registers. Causal tiles past the
+// diagonal are never loaded. GQA maps query head h to KV head h / (Hq / Hkv); K/V are never repeated.
+// Decode folds the query heads of one KV group (and the Sq new tokens) into the rows of one CTA and splits
+// the cache over CTAs; a combine kernel merges the partial results by their log-sum-exp.
+// Next step for speed: the Hopper version (TMA loads, wgmma, warp-specialized producer/consumer
+// warpgroups, persistent longest-first scheduling) behind the same launcher.
+//
+// Sample: python -c "import torch, llama3_kernels as l; q=torch.randn(2,1000,32,128,device='cuda',
+//         dtype=torch.bfloat16); k=torch.randn(2,1000,8,128,device='cuda',dtype=torch.bfloat16);
+//         print(l.ops.attention.flash_attention(q,k,k).shape)"
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "attention/attention.h"
+#include "attention/flash_common.cuh"
+#include "common.h"
+
+namespace l3k::attn {
+
+constexpr int kFwdWarps = 4;
+constexpr int kFwdThreads = 32 * kFwdWarps;
+constexpr int kFwdBlockM = 16 * kFwdWarps;  // query rows per CTA
+constexpr int kFwdBlockN = 64;              // keys per K/V tile
+
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;               // [B,Hq,S] or [Hq,T]; null in decode
+  const int* cu_q;          // varlen offsets [batch+1] or null
+  const int* cu_k;          // varlen key offsets or null
+  const int* seqused_k;     // decode: cache_seqlens [batch] or null
+  float* o_accum;           // split-KV partials [splits][rows_total][D], or null: write `out`
+  float* lse_accum;         // [splits][rows_total]
+  int64_t q_row_stride;     // elements between consecutive tokens of q / out (Hq * D)
+  int64_t k_row_stride, v_row_stride;
+  int64_t k_batch_stride, v_batch_stride;  // padded / cache layouts
+  int64_t rows_total;       // tokens * Hq: split stride of the partials
+  int seqlen_q, seqlen_k;   // padded lengths (varlen: the longest)
+  int total_q;              // varlen lse row stride
+  int hq, group;            // group = Hq / Hkv
+  int pack;                 // query heads folded into CTA rows: 1, or the group (decode)
+  int num_m_blocks;         // decode: row blocks per KV head (grid.y = Hkv * num_m_blocks)
+  int blocks_per_split;     // decode: key tiles per split (grid.x = splits)
+  bool decode;
+  bool causal;
+  float scale, scale_log2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams p) {
+  constexpr int BM = kFwdBlockM, BN = kFwdBlockN, NT = BN / 8, DT = D / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM][D]
+  T* sK = sQ + BM * D;                 // [2][BN][D]
+  T* sV = sK + 2 * BN * D;             // [2][BN][D]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.z;
+  int m_block, head_block, split;
+  if (p.decode) {
+    split = blockIdx.x;
+    head_block = blockIdx.y / p.num_m_blocks;  // the KV head
+    m_block = blockIdx.y % p.num_m_blocks;
+  } else {
+    split = 0;
+    head_block = blockIdx.y;                    // the query head
+    m_block = gridDim.x - 1 - blockIdx.x;       // longest causal rows first
+  }
+
+  const int q_tok0 = p.cu_q ? p.cu_q[b] : b * p.seqlen_q;
+  const int seqlen_q = p.cu_q ? p.cu_q[b + 1] - q_tok0 : p.seqlen_q;
+  int seqlen_k;
+  int64_t k_off, v_off;
+  if (p.cu_k) {
+    const int k_tok0 = p.cu_k[b];
+    seqlen_k = p.cu_k[b + 1] - k_tok0;
+    k_off = k_tok0 * p.k_row_stride;
+    v_off = k_tok0 * p.v_row_stride;
+  } else {
+    seqlen_k = p.seqused_k ? p.seqused_k[b] : p.seqlen_k;
+    k_off = b * p.k_batch_stride;
+    v_off = b * p.v_batch_stride;
+  }
+  const int rows = seqlen_q * p.pack;  // CTA rows of this (sequence, head block): row r = token r / pack
+  const int m0 = m_block * BM;
+  if (m0 >= rows) return;
+  const int kv_head = head_block * p.pack / p.group;
+  const int diag = seqlen_k - seqlen_q;  // causal: token i sees keys j <= i + diag
+
+  int n_end = cdiv(seqlen_k, BN);
+  if (p.causal) {
+    const int last_tok = min(seqlen_q - 1, (m0 + BM - 1) / p.pack);
+    n_end = min(n_end, cdiv(max(0, last_tok + diag + 1), BN));
+  }
+  int n_begin = 0;
+  if (p.decode) {
+    n_begin = split * p.blocks_per_split;
+    n_end = min(n_end, n_begin + p.blocks_per_split);
+  }
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k) + k_off + int64_t(kv_head) * D;
+  const T* v = static_cast<const T*>(p.v) + v_off + int64_t(kv_head) * D;
+  auto row_token = [&](int r) { return (m0 + r) / p.pack; };
+  auto row_head = [&](int r) { return head_block * p.pack + (m0 + r) % p.pack; };
+  auto q_row = [&](int r) -> const T* {
+    if (m0 + r >= rows) return nullptr;
+    return q + (q_tok0 + row_token(r)) * p.q_row_stride + int64_t(row_head(r)) * D;
+  };
+  auto load_kv = [&](int nb, int stage) {
+    const int n0 = nb * BN;
+    load_tile<D, BN, kFwdThreads>(
+        sK + stage * BN * D, [&](int r) { return n0 + r < seqlen_k ? k + (n0 + r) * p.k_row_stride : nullptr; },
+        static_cast<const T*>(p.k), tid);
+    load_tile<D, BN, kFwdThreads>(
+        sV + stage * BN * D, [&](int r) { return n0 + r < seqlen_k ? v + (n0 + r) * p.v_row_stride : nullptr; },
+        static_cast<const T*>(p.v), tid);
+  };
+
+  // Per warp: 16 rows; this lane holds rows g and g + 8 (h = 0, 1) of the warp's fragments.
+  const int g = lane >> 2, t = lane & 3;
+  const int warp_row0 = warp * 16;
+  const bool warp_active = m0 + warp_row0 < rows;
+  float o[DT][4] = {};
+  float row_max[2] = {-kInf, -kInf};
+  float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; reduced over the quad at the end
+
+  if (n_begin < n_end) {
+    load_tile<D, BM, kFwdThreads>(sQ, q_row, q, tid);
+    load_kv(n_begin, 0);
+    cp_async_commit();
+  }
+  for (int nb = n_begin; nb < n_end; ++nb) {
+    const int stage = (nb - n_begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile nb landed for all threads, and everyone is done reading the other stage
+    if (nb + 1 < n_end) {
+      load_kv(nb + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    if (!warp_active) continue;
+    const T* sKs = sK + stage * BN * D;
+    const T* sVs = sV + stage * BN * D;
+
+    float s[NT][4] = {};
+    gemm_abt<T, D, NT>(s, sQ, warp_row0, sKs, lane);
+
+    const int n0 = nb * BN;
+    const bool need_mask =
+        n0 + BN > seqlen_k || (p.causal && n0 + BN - 1 > (m0 + warp_row0) / p.pack + diag);
+    if (need_mask) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + j * 8 + 2 * t + (e & 1);
+          const int tok = row_token(warp_row0 + g + 8 * (e >> 1));
+          if (key >= seqlen_k || (p.causal && key > tok + diag)) s[j][e] = -kInf;
+        }
+    }
+
+    // Online softmax: rescale O and the running sum by exp2(scale * (m_old - m_new)).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[h];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      mx = quad_max(mx);
+      const float mx_scaled = mx == -kInf ? 0.f : mx * p.scale_log2;  // fully masked so far: keep exp2 finite
+      const float alpha = exp2f(row_max[h] * p.scale_log2 - mx_scaled);
+      row_max[h] = mx;
+      row_sum[h] *= alpha;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        o[j][2 * h] *= alpha;
+        o[j][2 * h + 1] *= alpha;
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        s[j][2 * h] = exp2f(fmaf(s[j][2 * h], p.scale_log2, -mx_scaled));
+        s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], p.scale_log2, -mx_scaled));
+        row_sum[h] += s[j][2 * h] + s[j][2 * h + 1];
+      }
+    }
+    gemm_pb<T, D, NT>(o, s, sVs, lane);
+  }
+
+  if (!warp_active) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float l = quad_sum(row_sum[h]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? row_max[h] * p.scale + logf(l) : -kInf;
+    const int r = warp_row0 + g + 8 * h;
+    if (m0 + r >= rows) continue;
+    const int64_t q_index = int64_t(q_tok0 + row_token(r)) * p.hq + row_head(r);  // token-major (token, head)
+    if (p.o_accum) {
+      float* dst = p.o_accum + (split * p.rows_total + q_index) * D;
+#pragma unroll
+      for (int j = 0; j < DT; ++j)
+        *reinterpret_cast<float2*>(dst + j * 8 + 2 * t) = make_float2(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+      if (t == 0) p.lse_accum[split * p.rows_total + q_index] = lse;
+    } else {
+      T* dst = static_cast<T*>(p.out) + q_index * D;  // q_row_stride == Hq * D
+#pragma unroll
+      for (int j = 0; j < DT; ++j) store2(dst + j * 8 + 2 * t, o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+      if (t == 0 && p.lse) {
+        const int tok = row_token(r), head = row_head(r);
+        const int64_t li = p.cu_q ? int64_t(head) * p.total_q + q_tok0 + tok
+                                  : (int64_t(b) * p.hq + head) * p.seqlen_q + tok;
+        p.lse[li] = lse;
+      }
+    }
+  }
+}
+
+// Merges split-KV partials: out = Σ_s exp(lse_s - lse) O_s with lse = log Σ_s exp(lse_s). One warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) combine_splits_kernel(const float* o_accum, const float* lse_accum, T* out,
+                                                              int num_splits, int64_t rows) {
+  constexpr int kPerLane = D / 32;  // 2 or 4 consecutive elements per lane
+  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float mx = -kInf;
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse_accum[s * rows + row]);
+  float acc[kPerLane] = {};
+  float wsum = 0.f;
+  if (mx != -kInf) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = expf(lse_accum[s * rows + row] - mx);  // exp(-inf) = 0 for empty splits
+      wsum += w;
+      const float* src = o_accum + (s * rows + row) * D + lane * kPerLane;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * src[e];
+    }
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T* dst = out + row * D + lane * kPerLane;
+#pragma unroll
+  for (int e = 0; e < kPerLane; e += 2) store2(dst + e, acc[e] * inv, acc[e + 1] * inv);
+}
+
+template <typename T, int D>
+void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = (kFwdBlockM + 4 * kFwdBlockN) * D * int(sizeof(T));  // Q + 2 stages of K and V
+  auto kernel = flash_fwd_kernel<T, D>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "flash_fwd: cudaFuncSetAttribute");
+  kernel<<<grid, kFwdThreads, smem, stream>>>(p);
+  L3K_CHECK_LAUNCH("flash_fwd_kernel");
+}
+
+template <typename T, int D>
+void launch_combine(const FwdParams& p, int num_splits, cudaStream_t stream) {
+  const int64_t blocks = (p.rows_total + 3) / 4;
+  combine_splits_kernel<T, D><<<dim3(unsigned(blocks)), 128, 0, stream>>>(p.o_accum, p.lse_accum,
+                                                                          static_cast<T*>(p.out), num_splits,
+                                                                          p.rows_total);
+  L3K_CHECK_LAUNCH("combine_splits_kernel");
+}
+
+// Instantiates `fn<T, D>` for the runtime dtype and head dim (bf16/fp16 x 64/128: four variants per kernel).
+template <template <typename, int> class Fn, typename... Args>
+void dispatch(DType dtype, int d, Args&&... args) {
+  if (dtype == DType::BF16) {
+    if (d == 128) return Fn<__nv_bfloat16, 128>::run(args...);
+    return Fn<__nv_bfloat16, 64>::run(args...);
+  }
+  if (d == 128) return Fn<__half, 128>::run(args...);
+  return Fn<__half, 64>::run(args...);
+}
+template <typename T, int D>
+struct RunFwd {
+  static void run(const FwdParams& p, dim3 grid, cudaStream_t s) { launch_fwd<T, D>(p, grid, s); }
+};
+template <typename T, int D>
+struct RunCombine {
+  static void run(const FwdParams& p, int splits, cudaStream_t s) { launch_combine<T, D>(p, splits, s); }
+};
+
+void check_common(int dtype, int d, int hq, int hkv) {
+  const DType dt = to_dtype(dtype, "dtype");
+  require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
+  require(d == 64 || d == 128, "d", "expected head dim 64 or 128, got " + std::to_string(d));
+  require(hkv > 0 && hq > 0 && hq % hkv == 0, "hkv",
+          "query heads (" + std::to_string(hq) + ") must be a positive multiple of KV heads (" +
+              std::to_string(hkv) + ")");
+}
+
+}  // namespace l3k::attn
+
+namespace l3k {
+
+void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, std::uintptr_t lse,
+                    std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int batch, int max_seqlen,
+                    int max_seqlen_k, int total_q, int hq, int hkv, int d, bool causal, float softmax_scale,
+                    int dtype, int num_sms, std::uintptr_t stream) {
+  using namespace attn;
+  (void)num_sms;
+  check_common(dtype, d, hq, hkv);
+  require(batch >= 0 && batch <= 65535, "batch", "expected 0..65535 sequences, got " + std::to_string(batch));
+  require((cu_seqlens == 0) == (cu_seqlens_k == 0), "cu_seqlens_k", "pass both offset arrays or neither");
+  require(softmax_scale > 0.f, "softmax_scale", "expected a positive scale");
+  if (batch == 0 || max_seqlen <= 0 || (cu_seqlens && total_q <= 0)) return;
+  FwdParams p{};
+  p.q = as_ptr<const void>(q);
+  p.k = as_ptr<const void>(k);
+  p.v = as_ptr<const void>(v);
+  p.out = as_ptr<void>(out);
+  p.lse = as_ptr<float>(lse);
+  p.cu_q = as_ptr<const int>(cu_seqlens);
+  p.cu_k = as_ptr<const int>(cu_seqlens_k);
+  p.q_row_stride = int64_t(hq) * d;
+  p.k_row_stride = p.v_row_stride = int64_t(hkv) * d;
+  p.k_batch_stride = p.v_batch_stride = int64_t(max_seqlen_k) * hkv * d;
+  p.seqlen_q = max_seqlen;
+  p.seqlen_k = max_seqlen_k;
+  p.total_q = total_q;
+  p.hq = hq;
+  p.group = hq / hkv;
+  p.pack = 1;
+  p.causal = causal;
+  p.scale = softmax_scale;
+  p.scale_log2 = softmax_scale * kLog2e;
+  const dim3 grid(cdiv(max_seqlen, kFwdBlockM), hq, batch);
+  dispatch<RunFwd>(to_dtype(dtype, "dtype"), d, p, grid, as_stream(stream));
+}
+
+void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t cache_seqlens,
+                 std::uintptr_t out, std::uintptr_t o_accum, std::uintptr_t lse_accum, int num_splits, int B, int Sq,
+                 int Hq, int Hkv, int D, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
+                 std::int64_t v_stride_b, std::int64_t v_stride_l, float softmax_scale, int dtype, int num_sms,
+                 std::uintptr_t stream) {
+  using namespace attn;
+  (void)num_sms;
+  check_common(dtype, D, Hq, Hkv);
+  require(B >= 0 && B <= 65535, "B", "expected 0..65535 sequences, got " + std::to_string(B));
+  require(num_splits >= 1, "num_splits", "expected >= 1, got " + std::to_string(num_splits));
+  require(num_splits == 1 || (o_accum && lse_accum), "o_accum", "split-KV needs both partial workspaces");
+  require(k_stride_l % 8 == 0 && k_stride_b % 8 == 0 && v_stride_l % 8 == 0 && v_stride_b % 8 == 0, "k_cache",
+          "cache strides must be multiples of 8 elements (16-byte rows)");
+  if (B == 0 || Sq == 0 || L == 0) return;
+  FwdParams p{};
+  p.q = as_ptr<const void>(q);
+  p.k = as_ptr<const void>(k_cache);
+  p.v = as_ptr<const void>(v_cache);
+  p.out = as_ptr<void>(out);
+  p.seqused_k = as_ptr<const int>(cache_seqlens);
+  p.q_row_stride = int64_t(Hq) * D;
+  p.k_row_stride = k_stride_l;
+  p.v_row_stride = v_stride_l;
+  p.k_batch_stride = k_stride_b;
+  p.v_batch_stride = v_stride_b;
+  p.rows_total = int64_t(B) * Sq * Hq;
+  p.seqlen_q = Sq;
+  p.seqlen_k = L;
+  p.hq = Hq;
+  p.group = Hq / Hkv;
+  p.pack = p.group;  // all query heads of a KV group share each K/V tile
+  p.num_m_blocks = cdiv(Sq * p.group, kFwdBlockM);
+  p.blocks_per_split = cdiv(cdiv(L, kFwdBlockN), num_splits);
+  p.decode = true;
+  p.causal = true;
+  p.scale = softmax_scale;
+  p.scale_log2 = softmax_scale * kLog2e;
+  if (num_splits > 1) {
+    p.o_accum = as_ptr<float>(o_accum);
+    p.lse_accum = as_ptr<float>(lse_accum);
+  }
+  require(int64_t(Hkv) * p.num_m_blocks <= 65535, "Hq", "too many query rows per KV head");
+  const DType dt = to_dtype(dtype, "dtype");
+  const dim3 grid(num_splits, Hkv * p.num_m_blocks, B);
+  dispatch<RunFwd>(dt, D, p, grid, as_stream(stream));
+  if (num_splits > 1) dispatch<RunCombine>(dt, D, p, num_splits, as_stream(stream));
+}
+
+}  // namespace l3k

@@ -1,0 +1,286 @@
+"""GPU tests of the attention kernels (csrc/attention/) against the fp32 references, on odd shapes.
+
+Tolerance follows FlashAttention's tests: the kernel's max error against the fp32 reference may be at most
+twice the error of a plain PyTorch low-precision computation (same inputs, math in bf16/fp16) against that
+reference, plus a small floor (one ulp of 1.0 in the dtype). Skipped without a GPU or without the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llama3_kernels import reference
+from llama3_kernels.ops import attention as attn
+from llama3_kernels.ops._common import DTYPE_CODES, has_kernel, kernel, ptr, sm_count, stream
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _need(name: str) -> None:
+    if not has_kernel(name):
+        pytest.skip(f"_C.{name} was not built")
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device="cuda", dtype=dtype)
+
+
+# --------------------------------------------------------------------------------- low-precision baseline
+def _attend_lowp(q, k, v, scale, causal):
+    """One sequence computed entirely in q.dtype (PyTorch's own math path): q [Sq,Hq,D], k/v [Sk,Hkv,D]."""
+    sq, hq, _ = q.shape
+    sk, hkv, _ = k.shape
+    if sq == 0:
+        return q.new_zeros(q.shape)
+    kr = k.repeat_interleave(hq // hkv, dim=1).transpose(0, 1)  # [Hq, Sk, D]
+    vr = v.repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+    s = (q.transpose(0, 1) * scale) @ kr.transpose(1, 2)  # [Hq, Sq, Sk]
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    visible = (j <= i + sk - sq) if causal else torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    s = s.masked_fill(~visible, torch.finfo(s.dtype).min)  # finite: fully masked rows stay NaN-free
+    p = torch.softmax(s, dim=-1) * visible.any(-1, keepdim=True).to(s.dtype)  # rows with no key: 0
+    return (p @ vr).transpose(0, 1)
+
+
+def _flash_lowp(q, k, v, scale, causal, cu=None, cu_k=None):
+    if cu is None:
+        return torch.stack([_attend_lowp(q[b], k[b], v[b], scale, causal) for b in range(q.shape[0])])
+    cu_k = cu if cu_k is None else cu_k
+    bq, bk = cu.tolist(), cu_k.tolist()
+    parts = [
+        _attend_lowp(q[bq[i] : bq[i + 1]], k[bk[i] : bk[i + 1]], v[bk[i] : bk[i + 1]], scale, causal)
+        for i in range(len(bq) - 1)
+    ]
+    return torch.cat(parts)
+
+
+def _assert_within(name: str, got: torch.Tensor, ref: torch.Tensor, lowp: torch.Tensor, seed: int) -> None:
+    """max|got - ref| <= 2 max|lowp - ref| + eps(dtype)."""
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (seed {seed})"
+    err = (got.float() - ref.float()).abs().max().item() if got.numel() else 0.0
+    base = (lowp.float() - ref.float()).abs().max().item() if got.numel() else 0.0
+    floor = torch.finfo(got.dtype).eps
+    assert err <= 2 * base + floor, f"{name}: max error {err:.3e} > 2 x {base:.3e} + {floor:.1e} (seed {seed})"
+
+
+def _fp32_grads(q, k, v, dout, causal, scale, cu=None, cu_k=None):
+    with torch.enable_grad():
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        out, _ = reference.flash_attention(qf, kf, vf, causal, scale, cu, cu_k)
+        return torch.autograd.grad(out, (qf, kf, vf), dout.float())
+
+
+def _lowp_grads(q, k, v, dout, causal, scale, cu=None, cu_k=None):
+    with torch.enable_grad():
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = _flash_lowp(ql, kl, vl, scale, causal, cu, cu_k)
+        return torch.autograd.grad(out, (ql, kl, vl), dout)
+
+
+def _doc_offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+
+def _random_docs(gen: torch.Generator, n: int, longest: int) -> list[int]:
+    """Random document lengths that always include empty and one-token documents."""
+    lengths = torch.randint(2, longest + 1, (n,), generator=gen).tolist() + [0, 1, 1, 0]
+    return [lengths[i] for i in torch.randperm(len(lengths), generator=gen).tolist()]
+
+
+# ------------------------------------------------------------------------------------------- forward
+PADDED_SHAPES = [  # (B, Sq, Sk, Hq, Hkv, D)
+    (2, 1, 1, 4, 4, 64),
+    (1, 37, 37, 9, 3, 128),
+    (2, 199, 199, 32, 8, 128),
+    (1, 1000, 1000, 9, 3, 64),
+    (2, 37, 199, 4, 4, 128),  # Sk > Sq: causal aligned bottom-right
+    (1, 199, 37, 8, 8, 64),  # Sq > Sk: the first causal rows see no key (out 0, lse -inf)
+    (1, 1, 1000, 32, 8, 128),
+]
+
+
+@pytest.mark.parametrize("shape", PADDED_SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_fwd_padded(gen, shape, causal, dtype):
+    _need("flash_attn_fwd")
+    b, sq, sk, hq, hkv, d = shape
+    q, k = _randn(gen, b, sq, hq, d, dtype=dtype), _randn(gen, b, sk, hkv, d, dtype=dtype)
+    v = _randn(gen, b, sk, hkv, d, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = attn.flash_attention(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), causal, scale)
+    _assert_within("out", out, ref, _flash_lowp(q, k, v, scale, causal), gen.initial_seed())
+    assert lse.shape == (b, hq, sq) and lse.dtype == torch.float32
+    torch.testing.assert_close(
+        lse, ref_lse, atol=1e-3, rtol=1e-4, msg=lambda m: f"lse (seed {gen.initial_seed()}): {m}"
+    )
+
+
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64), (4, 4, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("separate_k", [False, True])
+def test_flash_fwd_varlen(gen, heads, causal, dtype, separate_k):
+    _need("flash_attn_fwd")
+    hq, hkv, d = heads
+    q_lens = _random_docs(gen, 5, 300)
+    k_lens = [n + int(torch.randint(0, 90, (), generator=gen)) for n in q_lens] if separate_k else q_lens
+    cu, cu_k = _doc_offsets(q_lens), _doc_offsets(k_lens)
+    q = _randn(gen, sum(q_lens), hq, d, dtype=dtype)
+    k, v = _randn(gen, sum(k_lens), hkv, d, dtype=dtype), _randn(gen, sum(k_lens), hkv, d, dtype=dtype)
+    kw = {"cu_seqlens_k": cu_k} if separate_k else {}
+    out, lse = attn.flash_attention(q, k, v, causal=causal, cu_seqlens=cu, return_lse=True, **kw)
+    scale = 1.0 / math.sqrt(d)
+    ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), causal, scale, cu, cu_k)
+    _assert_within("out", out, ref, _flash_lowp(q, k, v, scale, causal, cu, cu_k), gen.initial_seed())
+    assert lse.shape == (hq, sum(q_lens))
+    torch.testing.assert_close(
+        lse, ref_lse, atol=1e-3, rtol=1e-4, msg=lambda m: f"lse (seed {gen.initial_seed()}): {m}"
+    )
+
+
+def test_flash_fwd_writes_every_output(gen):
+    """The launcher itself, into NaN-filled out/lse: every element is written (empty docs, rows with no key)."""
+    _need("flash_attn_fwd")
+    hq, hkv, d, dtype = 8, 2, 128, torch.bfloat16
+    q_lens, k_lens = [0, 1, 70, 3, 0, 130], [5, 0, 70, 1, 0, 200]
+    cu, cu_k = _doc_offsets(q_lens), _doc_offsets(k_lens)
+    tq, tk = sum(q_lens), sum(k_lens)
+    q = _randn(gen, tq, hq, d, dtype=dtype)
+    k, v = _randn(gen, tk, hkv, d, dtype=dtype), _randn(gen, tk, hkv, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, tq), float("nan"), device="cuda")
+    scale = 1.0 / math.sqrt(d)
+    kernel("flash_attn_fwd")(
+        ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(cu), ptr(cu_k), len(q_lens), max(q_lens), max(k_lens), tq,
+        hq, hkv, d, True, scale, DTYPE_CODES[dtype], sm_count(0), stream(q),
+    )  # fmt: skip
+    ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), True, scale, cu, cu_k)
+    assert not out.isnan().any() and not lse.isnan().any()
+    _assert_within("out", out, ref, _flash_lowp(q, k, v, scale, True, cu, cu_k), gen.initial_seed())
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_flash_fwd_opcheck(gen):
+    _need("flash_attn_fwd")
+    q = _randn(gen, 1, 37, 4, 64, dtype=torch.bfloat16)
+    k, v = _randn(gen, 1, 37, 2, 64, dtype=torch.bfloat16), _randn(gen, 1, 37, 2, 64, dtype=torch.bfloat16)
+    torch.library.opcheck(attn.flash_attn_fwd, (q, k, v, None, None, 37, 37, True, 0.125))
+
+
+# ------------------------------------------------------------------------------------------- backward
+@pytest.mark.parametrize(
+    "shape", [(2, 37, 37, 9, 3, 128), (1, 199, 199, 32, 8, 64), (1, 37, 199, 4, 4, 128), (1, 1000, 1000, 4, 4, 128)]
+)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_bwd_padded(gen, shape, causal, dtype):
+    _need("flash_attn_fwd")
+    _need("flash_attn_bwd")
+    b, sq, sk, hq, hkv, d = shape
+    q, k = _randn(gen, b, sq, hq, d, dtype=dtype), _randn(gen, b, sk, hkv, d, dtype=dtype)
+    v, dout = _randn(gen, b, sk, hkv, d, dtype=dtype), _randn(gen, b, sq, hq, d, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    attn.flash_attention(qg, kg, vg, causal=causal).backward(dout)
+    refs = _fp32_grads(q, k, v, dout, causal, scale)
+    lows = _lowp_grads(q, k, v, dout, causal, scale)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
+
+
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("separate_k", [False, True])
+def test_flash_bwd_varlen(gen, heads, causal, separate_k):
+    _need("flash_attn_fwd")
+    _need("flash_attn_bwd")
+    hq, hkv, d = heads
+    dtype = torch.bfloat16
+    q_lens = _random_docs(gen, 4, 250)
+    k_lens = [n + int(torch.randint(1, 70, (), generator=gen)) for n in q_lens] if separate_k else q_lens
+    cu, cu_k = _doc_offsets(q_lens), _doc_offsets(k_lens)
+    q, dout = _randn(gen, sum(q_lens), hq, d, dtype=dtype), _randn(gen, sum(q_lens), hq, d, dtype=dtype)
+    k, v = _randn(gen, sum(k_lens), hkv, d, dtype=dtype), _randn(gen, sum(k_lens), hkv, d, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    kw = {"cu_seqlens_k": cu_k} if separate_k else {}
+    attn.flash_attention(qg, kg, vg, causal=causal, cu_seqlens=cu, **kw).backward(dout)
+    refs = _fp32_grads(q, k, v, dout, causal, scale, cu, cu_k)
+    lows = _lowp_grads(q, k, v, dout, causal, scale, cu, cu_k)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
+
+
+def test_flash_bwd_deterministic_and_writes_every_output(gen):
+    """Two runs into NaN-filled gradients give identical, fully written results."""
+    _need("flash_attn_bwd")
+    hq, hkv, d, dtype = 8, 2, 64, torch.float16
+    q_lens, k_lens = [0, 1, 90, 3, 0], [4, 0, 130, 3, 0]
+    cu, cu_k = _doc_offsets(q_lens), _doc_offsets(k_lens)
+    tq, tk = sum(q_lens), sum(k_lens)
+    q, dout = _randn(gen, tq, hq, d, dtype=dtype), _randn(gen, tq, hq, d, dtype=dtype)
+    k, v = _randn(gen, tk, hkv, d, dtype=dtype), _randn(gen, tk, hkv, d, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    ref_out, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), True, scale, cu, cu_k)
+    out = ref_out.to(dtype)
+    runs = []
+    for _ in range(2):
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        dsum = torch.full_like(ref_lse, float("nan"))
+        kernel("flash_attn_bwd")(
+            ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(ref_lse), ptr(dsum), ptr(dq), ptr(dk), ptr(dv),
+            ptr(cu), ptr(cu_k), len(q_lens), max(q_lens), max(k_lens), tq, tk, hq, hkv, d, True, scale, True,
+            DTYPE_CODES[dtype], sm_count(0), stream(q),
+        )  # fmt: skip
+        runs.append((dq, dk, dv))
+    for name, a, b in zip(("dq", "dk", "dv"), *runs):
+        assert not a.isnan().any(), f"{name}: unwritten elements"
+        assert torch.equal(a, b), f"{name}: differs between two runs"
+    refs = _fp32_grads(q, k, v, dout, True, scale, cu, cu_k)
+    lows = _lowp_grads(q, k, v, dout, True, scale, cu, cu_k)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), runs[0], refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
+
+
+# ------------------------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("shape", [(3, 1, 32, 8, 128, 1000), (2, 4, 9, 3, 64, 777), (1, 1, 4, 4, 128, 8192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strided_cache", [False, True])
+def test_decode(gen, shape, dtype, strided_cache):
+    _need("decode_attn")
+    b, sq, hq, hkv, d, cache_len = shape
+    extra = 40 if strided_cache else 0  # a cache that is a view of a longer buffer
+    k_buf = _randn(gen, b, cache_len + extra, hkv, d, dtype=dtype)
+    v_buf = _randn(gen, b, cache_len + extra, hkv, d, dtype=dtype)
+    k_cache, v_cache = k_buf[:, :cache_len], v_buf[:, :cache_len]
+    q = _randn(gen, b, sq, hq, d, dtype=dtype)
+    lens = torch.randint(sq, cache_len + 1, (b,), generator=gen)
+    lens[0] = cache_len  # one full cache
+    if b > 1:
+        lens[1] = sq  # one cache holding only the new tokens
+    cache_seqlens = lens.to(device="cuda", dtype=torch.int32)
+    out = attn.decode_attention(q, k_cache, v_cache, cache_seqlens)
+    scale = 1.0 / math.sqrt(d)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale)
+    n = lens.tolist()
+    lowp = torch.stack([_attend_lowp(q[i], k_cache[i, : n[i]], v_cache[i, : n[i]], scale, True) for i in range(b)])
+    _assert_within("out", out, ref, lowp, gen.initial_seed())
+
+
+def test_decode_opcheck(gen):
+    _need("decode_attn")
+    q = _randn(gen, 2, 1, 8, 64, dtype=torch.bfloat16)
+    k, v = _randn(gen, 2, 300, 2, 64, dtype=torch.bfloat16), _randn(gen, 2, 300, 2, 64, dtype=torch.bfloat16)
+    lens = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(attn.decode_attn, (q, k, v, lens, 0.125))
