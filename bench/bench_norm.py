@@ -33,15 +33,21 @@ def _f_rms_norm(x, w, eps):
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
+def _add_then(norm, x, w, r):
+    """The unfused residual form peers without one use: h = x + r, then the norm; returns (y, h)."""
+    h = x + r
+    return norm(h, w, EPS), h
+
+
 def _fns(residual: bool):
     """name → f(x, w, r) returning y (and h with a residual), the same math for every impl."""
     if residual:
         return {
             OURS: lambda x, w, r: ops.rms_norm(x, w, EPS, r),
             "torch eager reference": lambda x, w, r: reference.rms_norm(x, w, EPS, r)[:2],
-            "F.rms_norm": lambda x, w, r: (_f_rms_norm(x + r, w, EPS), x + r),
+            "F.rms_norm": lambda x, w, r: _add_then(_f_rms_norm, x, w, r),
             "torch.compile(reference)": None,  # built lazily below (compiling is part of warm-up)
-            "Liger-Kernel": lambda x, w, r: (_liger(x + r, w, EPS), x + r),
+            "Liger-Kernel": lambda x, w, r: _add_then(_liger, x, w, r),
         }
     return {
         OURS: lambda x, w, r: ops.rms_norm(x, w, EPS),

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = harness.run_cases(cases, device, settings, label, harness.our_paths(device), progress=not args.no_progress)
     env = harness.environment(device)
     env["tier"], env["families"], env["wall_s"] = ctx.tier, families, round(time.monotonic() - start, 1)
-    return {"schema": harness.SCHEMA, "env": env, "settings": vars(settings) | {"tier": ctx.tier}, "rows": rows}
+    saved = {k: v for k, v in vars(settings).items() if k != "deadline"} | {"tier": ctx.tier, "budget_s": args.budget_s}
+    return {"schema": harness.SCHEMA, "env": env, "settings": saved, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,6 +185,10 @@ def _figures(res: Result, case: Case, impl: Impl, on_gpu: bool) -> None:
 def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
     """Time every impl of `case` on one set of inputs. Failures become error rows, never numbers."""
     results: list[Result] = []
+    deadline = timer.settings.deadline
+    if deadline is not None and time.monotonic() > deadline:  # don't even build the inputs
+        reason = "time budget of this run exhausted"
+        return [Result(i.name, i.ours, "skipped", i.skip or reason) for i in case.impls]
     try:
         inputs = case.inputs()
     except Exception as e:  # e.g. out of memory: every impl of the row reports it
@@ -193,7 +197,6 @@ def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
         return [Result(i.name, i.ours, "skipped" if i.skip else "error", i.skip or reason) for i in case.impls]
     for impl in case.impls:
         res = Result(impl.name, impl.ours, "ok", path=our_path if impl.ours else "", note=impl.note)
-        deadline = timer.settings.deadline
         if impl.skip:
             res.status, res.reason = "skipped", impl.skip
         elif deadline is not None and time.monotonic() > deadline:
@@ -621,11 +624,11 @@ def compiled(fn: Callable, **kwargs) -> Callable:
     """torch.compile with static shapes and a recompile limit large enough for every bench shape."""
     global _COMPILE_READY
     if not _COMPILE_READY:
-        import torch._dynamo
+        from torch import _dynamo  # (an `import torch._dynamo` here would make `torch` a local name)
 
         for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+            if hasattr(_dynamo.config, name):
+                setattr(_dynamo.config, name, max(256, getattr(_dynamo.config, name)))
         _COMPILE_READY = True
     return torch.compile(fn, dynamic=False, **kwargs)
 

@@ -230,6 +230,9 @@ def test_plain_peer_model_is_the_same_model():
     with torch.no_grad():
         a, b = ours(tokens), plain(tokens)
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    i = bench_model._decode_inputs(ctx, cfg, 96, 128, torch.float32)()  # one decode step over a random cache
+    a, b = bench_model._ours_decode(False)(i)(), bench_model._plain_decode(False)(i)()
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
     kv = cfg.n_kv_heads * cfg.head_dim
     n = cfg.n_layers * (2 * cfg.dim**2 + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.ffn_dim) + cfg.vocab_size * cfg.dim
     assert bench_model.matmul_params(cfg) == n
@@ -242,3 +245,43 @@ def test_plot_writes_one_png_per_family(cpu_run, tmp_path):
     paths = harness.plot(doc["env"], doc["rows"], tmp_path)
     assert sorted(p.name for p in paths) == ["gemm.png", "norm.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+@pytest.mark.parametrize("docs", [None, [[40, 24], [64]]])
+def test_attention_peers_compute_the_same_function(docs):
+    """SDPA (math backend on CPU) on the bench's [B, H, S, D] copies, with the dense document mask, gives the
+    project's output: the peers in a row really do the same work on the same inputs."""
+    ctx = harness.Context(torch.device("cpu"))
+    b = 1 if docs is None else 2
+    i = bench_attention._inputs(ctx, b, 64, 4, 2, 32, False, docs)()
+    for k in ("q", "k", "v", "qt", "kt", "vt"):
+        i[k] = i[k].float()
+    ours = bench_attention._ours(i)()
+    theirs = bench_attention._sdpa("MATH")(i)()
+    torch.testing.assert_close(theirs.transpose(1, 2), ours.view(theirs.transpose(1, 2).shape), atol=2e-5, rtol=1e-4)
+
+
+def test_decode_peers_compute_the_same_function():
+    from llama3_kernels.bench import bench_decode
+
+    ctx = harness.Context(torch.device("cpu"))
+    i = bench_decode._inputs(ctx, 3, 50, 4, 2, 32)()
+    for k in ("q", "k", "v", "qt", "kt", "vt"):
+        i[k] = i[k].float()
+    ours = next(x for x in bench_decode.cases(ctx)[0].impls if x.ours).make(i)()
+    theirs = bench_decode._sdpa("MATH")(i)()
+    torch.testing.assert_close(theirs.transpose(1, 2), ours, atol=2e-5, rtol=1e-4)
+
+
+def test_compiled_peers_can_be_made_repeatedly():
+    """Every compiled peer goes through harness.compiled; making a second one must not fail (it once did)."""
+    first, second = harness.compiled(torch.sin), harness.compiled(torch.cos)
+    assert callable(first) and callable(second)
+
+
+def test_time_budget_skips_rows_it_cannot_reach():
+    made = []
+    case = harness.Case("t", "op", "fwd", "1", "bf16", lambda: made.append(1), [harness.Impl("x", lambda _: lambda: 0)])
+    settings = harness.Settings(deadline=0.0)  # long past
+    results = harness.run_case(case, harness.Timer(torch.device("cpu"), settings))
+    assert not made and results[0].status == "skipped" and "time budget" in results[0].reason
