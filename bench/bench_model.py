@@ -208,9 +208,18 @@ def _decode_inputs(ctx, cfg, cached, length, dtype):
     return make
 
 
+GRAPH_KERNELS = ("rms_norm_fwd", "swiglu_fwd", "decode_attn")  # a decode step's ops; references sync the host
+
+
 def _ours_decode(graph: bool):
     def make(i):
         model, tok, positions, lens = i["ours"], i["token"], i["positions"], i["cache_seqlens"]
+        if graph:
+            from llama3_kernels.ops._common import has_kernel
+
+            missing = [k for k in GRAPH_KERNELS if not has_kernel(k)]
+            if missing:  # a failed capture can leave the stream unusable for every later row: don't try
+                raise RuntimeError(f"no CUDA graph: kernels not built ({', '.join(missing)}), references sync")
 
         def step():
             with torch.inference_mode():

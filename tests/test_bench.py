@@ -285,3 +285,27 @@ def test_time_budget_skips_rows_it_cannot_reach():
     settings = harness.Settings(deadline=0.0)  # long past
     results = harness.run_case(case, harness.Timer(torch.device("cpu"), settings))
     assert not made and results[0].status == "skipped" and "time budget" in results[0].reason
+
+
+def test_gemm_peer_computes_the_same_function():
+    """torch._scaled_mm with [M, 1] and [1, N] scales (the cuBLASLt row-wise peer) equals the project's op."""
+    i = bench_gemm._inputs(harness.Context(torch.device("cpu")), 37, 256, 512)()
+    try:
+        theirs = bench_gemm._scaled_mm(i)()
+    except (RuntimeError, NotImplementedError) as e:  # CPU builds of torch without an fp8 _scaled_mm
+        pytest.skip(f"torch._scaled_mm not available on CPU here: {e}")
+    torch.testing.assert_close(theirs, bench_gemm._ours(i)())
+
+
+def test_sanitize_cases_are_valid_calls():
+    """The compute-sanitizer workload calls every op with valid arguments (run here on the CPU references),
+    and names only launchers the op surface knows."""
+    from llama3_kernels.bench import sanitize_cases
+    from llama3_kernels.info import OP_KERNELS
+
+    known = {name for names in OP_KERNELS.values() for name in names}
+    cases = sanitize_cases._cases(torch.device("cpu"))
+    assert {n for launchers, _ in cases.values() for n in launchers} == known  # every kernel is exercised
+    for _, fn in cases.values():
+        fn()
+    assert set(bench_model.GRAPH_KERNELS) <= known
