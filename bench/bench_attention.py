@@ -27,19 +27,20 @@ def doc_lengths(seq: int, lo: int, hi: int, rng: random.Random) -> list[int]:
     return out
 
 
-def _sdpa(backend_name: str):
-    """A make() for one SDPA backend on [B, H, S, D] inputs; K/V heads are repeated if it lacks GQA."""
+def sdpa(backend_name: str, causal: bool = True):
+    """A make() for one SDPA backend on [B, H, S, D] inputs ("qt", "kt", "vt"; "dense_mask" replaces the
+    causal mask when present); K/V heads are repeated for a backend that lacks GQA, and the row says so."""
 
     def make(i):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = getattr(SDPBackend, backend_name)
         q, k, v, mask = i["qt"], i["kt"], i["vt"], i.get("dense_mask")
-        causal = mask is None
+        causal_ = causal and mask is None
 
         def call(k=k, v=v, gqa=True):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_, enable_gqa=gqa)
 
         note = ""
         try:
@@ -59,7 +60,7 @@ def _sdpa(backend_name: str):
 
 def _fwd_or_bwd(i, forward, leaves):
     """Time the forward, or (bwd mode) run it once and time the backward of the retained graph."""
-    if not i["bwd"]:
+    if not i.get("bwd"):
 
         def fwd():
             return forward()
@@ -165,9 +166,9 @@ def cases(ctx: Context) -> list[Case]:
         for mode in ("fwd", "bwd"):
             impls = [
                 Impl(OURS, _ours, ours=True),
-                Impl("SDPA flash", _sdpa("FLASH_ATTENTION")),
-                Impl("SDPA cuDNN", _sdpa("CUDNN_ATTENTION"), skip=cuda_skip),
-                Impl("SDPA efficient", _sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip),
+                Impl("SDPA flash", sdpa("FLASH_ATTENTION")),
+                Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip),
+                Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip),
                 Impl("FlexAttention (compiled)", _flex, skip=compile_skip),
                 Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
             ]
@@ -184,8 +185,8 @@ def cases(ctx: Context) -> list[Case]:
         impls = [
             Impl(OURS, _ours, ours=True),
             Impl("SDPA flash", skip="SDPA's flash backend takes no attention mask (documents need varlen)"),
-            Impl("SDPA cuDNN", _sdpa("CUDNN_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
-            Impl("SDPA efficient", _sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
+            Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
+            Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
             Impl("FlexAttention (compiled)", _flex, skip=compile_skip),
             Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
         ]

@@ -8,9 +8,9 @@ The cache is batch-major [B, L, Hkv, D] for this project and flash-attn; SDPA ge
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llama3_kernels import ops, reference
+from llama3_kernels.bench.bench_attention import sdpa
 from llama3_kernels.bench.harness import OURS, Case, Context, Impl
 
 FAMILY = "decode"
@@ -27,23 +27,6 @@ def _inputs(ctx: Context, b: int, length: int, hq: int, hkv: int, d: int):
             "qt": q.transpose(1, 2).contiguous(), "kt": k.transpose(1, 2).contiguous(),
             "vt": v.transpose(1, 2).contiguous(),
         }  # fmt: skip
-
-    return make
-
-
-def _sdpa(backend_name: str):
-    def make(i):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = getattr(SDPBackend, backend_name)
-        q, k, v = i["qt"], i["kt"], i["vt"]
-
-        def call():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-        call()  # fail here, not in the timing loop, if the backend refuses the case
-        return call
 
     return make
 
@@ -67,8 +50,8 @@ def cases(ctx: Context) -> list[Case]:
     for b, length in grid:
         impls = [
             Impl(OURS, lambda i: lambda: ops.decode_attention(i["q"], i["k"], i["v"], i["lens"]), ours=True),
-            Impl("SDPA flash", _sdpa("FLASH_ATTENTION")),
-            Impl("SDPA efficient", _sdpa("EFFICIENT_ATTENTION"), skip=ctx.needs_cuda()),
+            Impl("SDPA flash", sdpa("FLASH_ATTENTION", causal=False)),
+            Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION", causal=False), skip=ctx.needs_cuda()),
             Impl("flash-attn (Dao) kvcache", _flash_attn, skip=dao_skip),
             Impl(
                 "torch eager reference", lambda i: lambda: reference.decode_attention(i["q"], i["k"], i["v"], i["lens"])

@@ -61,7 +61,8 @@ def cases(ctx: Context) -> list[Case]:
         grid = [(name, n, k, m) for name, n, k in (SHAPES[2], SHAPES[5]) for m in (16, 8192)]
     else:
         grid = [(name, n, k, m) for name, n, k in SHAPES for m in M_VALUES]
-    formula = "FLOPs = 2·M·N·K; bytes fp8 = M·K + N·K + 4·(M+N) + 2·M·N, bf16 = 2·(M·K + N·K + M·N)"
+    formula = ("FLOPs = 2·M·N·K; bytes fp8 = M·K + N·K + 4·(M+N) + 2·M·N, bf16 = 2·(M·K + N·K + M·N); "
+               "MFU vs 1979 TFLOP/s for fp8, 989 for bf16 torch.mm")  # fmt: skip
     out = []
     for name, n, k, m in grid:
         fp8_bytes = m * k + n * k + 4 * (m + n) + 2 * m * n

@@ -257,7 +257,7 @@ def test_attention_peers_compute_the_same_function(docs):
     for k in ("q", "k", "v", "qt", "kt", "vt"):
         i[k] = i[k].float()
     ours = bench_attention._ours(i)()
-    theirs = bench_attention._sdpa("MATH")(i)()
+    theirs = bench_attention.sdpa("MATH")(i)()
     torch.testing.assert_close(theirs.transpose(1, 2), ours.view(theirs.transpose(1, 2).shape), atol=2e-5, rtol=1e-4)
 
 
@@ -269,7 +269,7 @@ def test_decode_peers_compute_the_same_function():
     for k in ("q", "k", "v", "qt", "kt", "vt"):
         i[k] = i[k].float()
     ours = next(x for x in bench_decode.cases(ctx)[0].impls if x.ours).make(i)()
-    theirs = bench_decode._sdpa("MATH")(i)()
+    theirs = bench_attention.sdpa("MATH", causal=False)(i)()
     torch.testing.assert_close(theirs.transpose(1, 2), ours, atol=2e-5, rtol=1e-4)
 
 
@@ -309,3 +309,18 @@ def test_sanitize_cases_are_valid_calls():
     for _, fn in cases.values():
         fn()
     assert set(bench_model.GRAPH_KERNELS) <= known
+
+
+@pytest.mark.cuda
+def test_gpu_quick_run_times_with_events(tmp_path):
+    """On a GPU: a quick decode bench runs end to end, labelled with the GPU, our row timed, figures derived."""
+    js = tmp_path / "gpu.json"
+    assert cli.main(["--quick", "--device", "cuda", "--ops", "decode", "--no-progress", "--json", str(js)]) == 0
+    doc = harness.load_json(js)
+    assert doc["env"]["gpu"] == torch.cuda.get_device_name() and doc["env"]["driver"]
+    for r in doc["rows"]:
+        assert r["label"].startswith("GPU timing")
+        ours = next(x for x in r["results"] if x["ours"])
+        assert ours["status"] == "ok" and ours["ms"] > 0 and ours["tbps"] > 0, ours
+        sdpa = next(x for x in r["results"] if x["impl"] == "SDPA flash")
+        assert sdpa["status"] == "ok", sdpa
