@@ -220,8 +220,11 @@ def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
 
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception:  # a sticky CUDA error: the rows that follow will say so, the report still gets written
+            pass
 
 
 def best_peer(results: list[dict]) -> dict | None:
@@ -270,7 +273,11 @@ def run_cases(
     for case in bar:
         bar.set_postfix_str(f"{case.op} {case.mode} {case.shape}"[:60])
         path = (our_paths or {}).get(case.api or case.op, "")
-        rows.append(row_dict(case, run_case(case, timer, path), label))
+        try:
+            results = run_case(case, timer, path)
+        except Exception as e:  # never lose the other rows to one
+            results = [Result(i.name, i.ours, "error", f"harness: {_first_line(e)}") for i in case.impls]
+        rows.append(row_dict(case, results, label))
     return rows
 
 
