@@ -210,7 +210,7 @@ def cp_layout(
                 cu_k=as_t(cu_k),
                 max_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
                 max_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
-            )  # fmt: skip
+            )
         )
     return CPLayout(cp_size=cp_size, rank=rank, chunk=cu[-1] // (2 * cp_size), segments=tuple(segments))
 
@@ -234,7 +234,7 @@ _NO_REDUCE_SCATTER: set[str] = set()  # backends found lacking reduce_scatter (a
 def _reduce_scatter(inp: Tensor, group, async_op: bool, force_all_to_all: bool = False):
     """Sum `inp` [cp·n, ...] over ranks and keep this rank's [n, ...] slice. Returns (result_fn, work).
 
-    Backends without reduce_scatter (gloo before torch ~2.6) use all_to_all + a local sum: the same bytes on
+    Backends without reduce_scatter (gloo in older torch releases) use all_to_all + a local sum: the same bytes on
     the wire, CP× the receive buffer. The decision is per backend, so every rank takes the same path.
     """
     cp = _group_size(group)
