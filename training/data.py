@@ -114,19 +114,19 @@ def load_documents(data: str | None, max_bytes: int = 2_000_000) -> list[Documen
 
 
 def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[Document], list[Document]]:
-    """Hold out every round(1 / eval_fraction)-th document; a single document gives up its tail instead.
+    """Hold out every round(1 / eval_fraction)-th document; with fewer documents than that, the last document
+    gives up the tail `eval_fraction` of its text instead.
 
     Returns:
         (train, held_out), both non-empty.
     """
-    if len(docs) == 1:
-        text = docs[0].text
-        cut = int(len(text) * (1 - eval_fraction))
-        return [Document(docs[0].name, text[:cut])], [Document(docs[0].name + "#heldout", text[cut:])]
     every = max(2, round(1 / eval_fraction))
-    held = [d for i, d in enumerate(docs) if i % every == every - 1] or docs[-1:]
-    held_names = {id(d) for d in held}
-    return [d for d in docs if id(d) not in held_names], held
+    if len(docs) < every:
+        last = docs[-1]
+        cut = int(len(last.text) * (1 - eval_fraction))
+        return docs[:-1] + [Document(last.name, last.text[:cut])], [Document(last.name + "#heldout", last.text[cut:])]
+    held = [d for i, d in enumerate(docs) if i % every == every - 1]
+    return [d for i, d in enumerate(docs) if i % every != every - 1], held
 
 
 class _Bytes:
