@@ -50,7 +50,6 @@ def sdpa(backend_name: str, causal: bool = True):
             kr, vr = (t.repeat_interleave(group, dim=1).detach().requires_grad_(t.requires_grad) for t in (k, v))
             call(kr, vr, gqa=False)  # raises if the backend cannot run this case at all
             k, v, note = kr, vr, "K/V heads repeated: backend lacks GQA"
-            i["kt_used"], i["vt_used"] = kr, vr
         fn = _fwd_or_bwd(i, lambda: call(k, v, gqa=not note), (q, k, v))
         fn.note = note
         return fn
