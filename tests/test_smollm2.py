@@ -14,6 +14,7 @@ import torch
 
 from llama3_kernels.model import get_config, hub
 from llama3_kernels.model.checkpoint import load_model
+from llama3_kernels.model.tokenizer import GGUFTokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -118,15 +119,23 @@ def test_greedy_chat_matches_transformers(smol, hf_model):
 
 
 def test_fp8_perplexity_change(gguf_path):
+    """The paper's FP8 FFN recipe (inner layers, row-wise scales, activation amax bounded at 1200) on SmolLM2.
+
+    SmolLM2's SwiGLU outputs reach |x| ≈ 2800 (layer 11) and 2400 (layer 28) on this text, so the 1200 bound,
+    tuned for Llama 3 405B, clips them: the change is reported with and without the bound.
+    """
     fp8 = pytest.importorskip("llama3_kernels.model.fp8")
-    model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
-    ids = tokenizer.encode(TEXT)
+    ids = GGUFTokenizer.from_gguf(gguf_path).encode(TEXT)
     x = torch.tensor([ids[:-1]])
-    with torch.no_grad():
-        bf16 = perplexity(model(x), ids)
-        fp8.quantize_model_fp8(model)
-        assert model.fp8_layers == list(range(1, 29))  # inner layers only
-        quantized = perplexity(model(x), ids)
-    change = quantized / bf16 - 1
-    print(f"\nSmolLM2 perplexity bf16 {bf16:.4f} → FP8 FFN {quantized:.4f} ({change:+.2%}; paper's target < 2%)")
-    assert abs(change) < 0.05
+    changes = {}
+    for amax_ub in (1200.0, math.inf):
+        model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+        with torch.no_grad():
+            bf16 = perplexity(model(x), ids)
+            fp8.quantize_model_fp8(model, amax_ub=amax_ub)
+            assert model.fp8_layers == list(range(1, 29))  # inner layers only
+            quantized = perplexity(model(x), ids)
+        changes[amax_ub] = quantized / bf16 - 1
+        print(f"\nSmolLM2 perplexity bf16 {bf16:.4f} → FP8 FFN (activation amax bound {amax_ub}) {quantized:.4f} "
+              f"({changes[amax_ub]:+.2%}; paper's target < 2%)")  # fmt: skip
+    assert abs(changes[1200.0]) < 0.05 and abs(changes[math.inf]) < 0.02
