@@ -16,6 +16,7 @@ from llama3_kernels.model.checkpoint import (
     save_meta_checkpoint,
     unpermute_hf_rotary,
 )
+from llama3_kernels.model.rope import rope_frequencies
 
 
 def _hf_model(tmp_path, tie: bool, gen: torch.Generator):
@@ -150,7 +151,7 @@ def test_hf_unknown_tensor(tmp_path, gen):
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
-def _write_gguf(path, tensors: dict, n_layers: int, extra_tensor: str | None = None):
+def _write_gguf(path, tensors: dict, n_layers: int, extra: dict | None = None):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
@@ -167,8 +168,8 @@ def _write_gguf(path, tensors: dict, n_layers: int, extra_tensor: str | None = N
     for name, (array, qtype) in tensors.items():
         data = gguf.quants.quantize(array, qtype) if qtype != gguf.GGMLQuantizationType.F32 else array
         w.add_tensor(name, data, raw_dtype=qtype)
-    if extra_tensor:
-        w.add_tensor(extra_tensor, np.zeros(4, dtype=np.float32))
+    for name, array in (extra or {}).items():
+        w.add_tensor(name, np.asarray(array, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -209,6 +210,14 @@ def test_gguf_types_names_and_config(tmp_path, gen):
             assert err > 0
     assert torch.equal(sd["norm.weight"], torch.from_numpy(tensors["output_norm.weight"][0]))
     # a tensor the model does not have
-    _write_gguf(tmp_path / "extra.gguf", tensors, 2, extra_tensor="blk.0.attn_q.bias")
+    _write_gguf(tmp_path / "extra.gguf", tensors, 2, extra={"blk.0.attn_q.bias": [0.0] * 64})
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.bias"):
         load_gguf_checkpoint(tmp_path / "extra.gguf")
+    # Llama 3.1 RoPE scaling, which llama.cpp stores as per-pair frequency divisors (head dim 16, θ 10000)
+    plain, scaled = rope_frequencies(16, 10000.0), rope_frequencies(16, 10000.0, 8.0)
+    assert (plain / scaled).max() == 8.0 and (plain / scaled).min() == 1.0  # some pairs scaled, some not
+    _write_gguf(tmp_path / "rope.gguf", tensors, 2, extra={"rope_freqs.weight": (plain / scaled).numpy()})
+    assert load_gguf_checkpoint(tmp_path / "rope.gguf")[1].rope_scaling_factor == 8.0
+    _write_gguf(tmp_path / "bad_rope.gguf", tensors, 2, extra={"rope_freqs.weight": [1.0] * 7 + [3.0]})
+    with pytest.raises(ValueError, match="rope_freqs"):
+        load_gguf_checkpoint(tmp_path / "bad_rope.gguf")
