@@ -88,11 +88,18 @@ def run(args: argparse.Namespace) -> dict:
     label = harness.CPU_LABEL if ctx.cpu else f"GPU timing ({torch.cuda.get_device_name(device)})"
     if ctx.cpu:
         print(f"bench: no GPU — {harness.CPU_LABEL}s of the reference paths at small sizes, not kernel numbers")
-    env = harness.environment(device)  # before running: a kernel fault later must not cost the report
-    start = time.monotonic()
-    if args.budget_s is not None:
-        settings.deadline = start + args.budget_s
-    rows = harness.run_cases(cases, device, settings, label, harness.our_paths(device), progress=not args.no_progress)
+    threads = torch.get_num_threads()
+    if ctx.cpu:  # one thread: OpenMP teams on a shared CPU stall for seconds at random, one thread does not
+        torch.set_num_threads(1)
+    try:
+        env = harness.environment(device)  # before running: a kernel fault later must not cost the report
+        start = time.monotonic()
+        if args.budget_s is not None:
+            settings.deadline = start + args.budget_s
+        paths = harness.our_paths(device)
+        rows = harness.run_cases(cases, device, settings, label, paths, progress=not args.no_progress)
+    finally:
+        torch.set_num_threads(threads)
     env["tier"], env["families"], env["wall_s"] = ctx.tier, families, round(time.monotonic() - start, 1)
     saved = {k: v for k, v in vars(settings).items() if k != "deadline"} | {"tier": ctx.tier, "budget_s": args.budget_s}
     return {"schema": harness.SCHEMA, "env": env, "settings": saved, "rows": rows}
