@@ -103,7 +103,7 @@ def test_schedule_warmup_cosine_floor_anneal_and_ramp():
     assert lrs[79] == pytest.approx(0.01) and lrs[99] == pytest.approx(0.01 / 21) and lrs[80] < lrs[79]
     assert [s + 1 for s in range(100) if is_averaged(s, annealed)] == [85, 90, 95, 100]
     ramp = TrainConfig(grad_accum=4, batch_ramp=(10, 20), steps=30, warmup=0)
-    assert [accum_at(s, ramp) for s in (0, 9, 10, 19, 20, 29)] == [1, 1, 2, 2, 4, 4]
+    assert [accum_at(s, ramp) for s in (0, 8, 9, 18, 19, 29)] == [1, 1, 2, 2, 4, 4]  # logged steps 10, 20 double
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=2, batch_ramp=(10, 20))
 
@@ -152,10 +152,13 @@ def test_reference_curve_reproduced(reference_run):
 
 # ---------------------------------------------------------------------------------------- resume
 def test_resume_is_bit_exact(tmp_path):
-    full = train(tiny(tmp_path / "full", steps=6))
-    train(tiny(tmp_path / "cut", steps=6, stop_at=5))  # "killed" after step 5: the last checkpoint is step 4
+    # with a batch ramp: steps 1-2 take 2 rows (one micro-step), then 4 rows (two), so the data position is uneven
+    run = dict(steps=6, grad_accum=2, batch_ramp=(3,))
+    full = train(tiny(tmp_path / "full", **run))
+    assert [r["tokens"] for r in full if r["type"] == "train"] == [128, 128, 256, 256, 256, 256]
+    train(tiny(tmp_path / "cut", **run, stop_at=5))  # "killed" after step 5: the last checkpoint is step 4
     assert json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
-    resumed = train(tiny(tmp_path / "cut", steps=6, resume=True))
+    resumed = train(tiny(tmp_path / "cut", **run, resume=True))
     assert [r["step"] for r in resumed if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]  # steps 5.. were redone
     assert train_losses(resumed) == train_losses(full)  # bit for bit
     assert train_losses(resumed, "eval") == train_losses(full, "eval")
@@ -243,6 +246,13 @@ def test_two_processes_match_one(tmp_path, mode):
         torch.testing.assert_close(
             torch.tensor(train_losses(multi, kind)), torch.tensor(train_losses(single, kind)), rtol=0, atol=2e-5
         )
+    # the sharded run's checkpoint holds the same full (unsharded) model and optimizer state as the single one
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / mode / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-5)
+    assert (a["step"], a["data"]) == (b["step"], b["data"])
 
 
 @pytest.mark.slow

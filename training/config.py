@@ -37,8 +37,9 @@ class TrainConfig:
         seq_len: tokens per packed row.
         batch_size: rows per optimizer step (global, after the ramp).
         grad_accum: micro-steps per optimizer step (after the ramp).
-        batch_ramp: steps at which tokens per step double, starting from batch_size / 2**len(batch_ramp)
-            (the ramp drops micro-steps, so grad_accum must be a multiple of 2**len(batch_ramp)).
+        batch_ramp: steps (1-based, as logged) from which tokens per step double, starting from
+            batch_size / 2**len(batch_ramp) (the ramp drops micro-steps, so grad_accum must be a multiple of
+            2**len(batch_ramp)).
         steps: optimizer steps in the whole run (the schedule spans all of them).
         lr, min_lr_ratio, warmup: peak learning rate, cosine floor as a fraction of it, linear warm-up steps.
         anneal_steps: final steps whose learning rate falls linearly to 0; checkpoints taken every

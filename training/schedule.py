@@ -40,8 +40,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def accum_at(step: int, cfg: TrainConfig) -> int:
-    """Micro-steps for optimizer step `step`: grad_accum halved once per ramp stage not yet reached."""
-    pending = sum(1 for boundary in cfg.batch_ramp if step < boundary)
+    """Micro-steps for optimizer step `step` (0-based): grad_accum halved once per ramp boundary not yet reached
+    (a boundary b is the 1-based step, as logged, from which on the batch has doubled)."""
+    pending = sum(1 for boundary in cfg.batch_ramp if step + 1 < boundary)
     return cfg.grad_accum >> pending
 
 
