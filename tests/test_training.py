@@ -32,8 +32,8 @@ from llama3_kernels.training.train import main, train
 
 def tiny(out, **changes) -> TrainConfig:
     """A few-second debug run: 1 layer, 64-token rows, a small slice of the embedded corpus."""
-    base = dict(model="debug", model_overrides={"n_layers": 1}, steps=4, warmup=1, seq_len=64, batch_size=4,
-                lr=3e-3, eval_every=2, eval_rows=4, ckpt_every=2, corpus_bytes=60_000, out=str(out), progress=False)  # fmt: skip
+    base = dict(model="debug", model_overrides={"n_layers": 1}, steps=4, warmup=1, seq_len=64, batch_size=4, lr=3e-3,
+                eval_every=2, eval_rows=4, ckpt_every=2, corpus_bytes=60_000, out=str(out), progress=False)  # fmt: skip
     return TrainConfig(**(base | changes))
 
 
@@ -208,9 +208,10 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys):
 # -------------------------------------------------------------------------------- multi-process
 def torchrun(n: int, cfg: TrainConfig, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Launch `l3k train` with torchrun on n CPU processes (gloo) for cfg's fields."""
-    args = ["--config", cfg.model, "--steps", str(cfg.steps), "--warmup", str(cfg.warmup), "--seq-len", str(cfg.seq_len),
-            "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum), "--lr", str(cfg.lr),
-            "--eval-every", str(cfg.eval_every), "--eval-rows", str(cfg.eval_rows), "--ckpt-every", str(cfg.ckpt_every),
+    args = ["--config", cfg.model, "--steps", str(cfg.steps), "--warmup", str(cfg.warmup),
+            "--seq-len", str(cfg.seq_len), "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum),
+            "--lr", str(cfg.lr), "--eval-every", str(cfg.eval_every), "--eval-rows", str(cfg.eval_rows),
+            "--ckpt-every", str(cfg.ckpt_every),
             "--corpus-bytes", str(cfg.corpus_bytes), "--out", cfg.out, "--device", "cpu", "--no-progress",
             *(["--n-layers", str(cfg.model_overrides["n_layers"])] if "n_layers" in cfg.model_overrides else []),
             *extra]  # fmt: skip

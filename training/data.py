@@ -129,26 +129,11 @@ def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[Do
     return [d for i, d in enumerate(docs) if i % every != every - 1], held
 
 
-class _Bytes:
-    """UTF-8 bytes as ids 0-255 with bos 256 and eos 257: the same ids as model.tokenizer.ByteTokenizer."""
-
-    bos_id, eos_id, vocab_size = 256, 257, 258
-
-    def encode(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
-        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
-
-
 def get_tokenizer(path: str | None):
-    """The Llama 3 tokenizer from a tiktoken model file, or the byte tokenizer when `path` is None."""
-    if path is not None:
-        from llama3_kernels.model.tokenizer import Llama3Tokenizer
+    """The Llama 3 tokenizer from a tiktoken model file, or the byte tokenizer (vocab 258) when `path` is None."""
+    from llama3_kernels.model.tokenizer import ByteTokenizer, Llama3Tokenizer
 
-        return Llama3Tokenizer(path)
-    try:
-        from llama3_kernels.model.tokenizer import ByteTokenizer
-    except ImportError:  # the model package without its tokenizer module: same ids
-        return _Bytes()
-    return ByteTokenizer()
+    return ByteTokenizer() if path is None else Llama3Tokenizer(path)
 
 
 @dataclass
