@@ -21,6 +21,7 @@ from llama3_kernels.bench import harness
 
 # family → module; the order is the run order (cheap, most-watched families first)
 FAMILIES = {
+    "ceiling": "llama3_kernels.bench.bench_ceiling",
     "norm": "llama3_kernels.bench.bench_norm",
     "swiglu": "llama3_kernels.bench.bench_swiglu",
     "fp8": "llama3_kernels.bench.bench_fp8",
