@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             prompts.append(tokenizer.apply_chat_template(messages))
         else:
-            prompts.append(tokenizer.encode(text, bos=True))
+            prompts.append(tokenizer.encode(text, bos=getattr(tokenizer, "add_bos", True)))
     generator = Generator(model, tokenizer, cuda_graph=False if args.no_cuda_graph else None)
     stream = _StreamPrinter(tokenizer) if len(prompts) == 1 else None
     if stream is not None and not args.chat:
