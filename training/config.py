@@ -51,7 +51,8 @@ class TrainConfig:
         resume: continue from out/checkpoint.pt.
         cp: context-parallel degree (ranks sharing each sequence); dp = world size // cp.
         seed: initialisation and data order.
-        stop_at: stop after this step as if interrupted (the schedule still spans `steps`); None = run to the end.
+        stop_at: stop after this step as if killed: nothing is saved beyond the periodic checkpoints (the schedule
+            still spans `steps`); None = run to the end.
         tokenizer: path of a Llama 3 tiktoken model; None = bytes (ByteTokenizer, vocab >= 258).
         device: "auto" (cuda when available), "cpu" or "cuda".
         dist_timeout: seconds a rank waits in a collective before the job fails instead of hanging.
