@@ -264,7 +264,9 @@ def flash_attention(
             max_seqlen = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
         if cu_seqlens_k is not None:
             if cu_seqlens_k.shape != cu_seqlens.shape:
-                raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens.shape)}, got {tuple(cu_seqlens_k.shape)}")
+                raise ValueError(
+                    f"cu_seqlens_k: expected shape {tuple(cu_seqlens.shape)}, got {tuple(cu_seqlens_k.shape)}"
+                )
             if max_seqlen_k is None:
                 max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], k.device)
         max_seqlen_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
