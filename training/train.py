@@ -318,7 +318,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     """
     layout = setup_layout(cfg)
     try:
-        return _train(cfg, layout)
+        records = _train(cfg, layout)
+        if dist.is_initialized():
+            dist.barrier()  # no rank closes its transport while a peer is still finishing a collective
+        return records
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
