@@ -329,7 +329,11 @@ def test_fp8_ffn_wiring_matches_explicit_math(gen):
     up = e4m3_rowwise(y, 1200.0) @ e4m3_rowwise(w3, math.inf).T
     want = e4m3_rowwise(F.silu(gate) * up, 1200.0) @ e4m3_rowwise(w2, math.inf).T
     torch.testing.assert_close(h, hh, atol=0, rtol=0)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # fp32 summation order can flip an intermediate's e4m3 rounding (or its row scale) by one step, which moves a
+    # whole output row slightly: a step is ≤ 1/8 of one of 768 intermediates, well under 2% of the row's norm,
+    # while a wiring error (swapped w1/w3, a lost scale) is an O(1) change
+    row_err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert row_err.max() < 0.02 and (got - want).norm() / want.norm() < 0.01, row_err.max()
     # against the unquantized FFN: four e4m3 roundings (3 mantissa bits) leave a few percent rms error
     exact = (F.silu(y @ w1.T) * (y @ w3.T)) @ w2.T
     assert (got - exact).norm() / exact.norm() < 0.08
