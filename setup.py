@@ -50,7 +50,8 @@ class CMakeBuild(build_ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # a fixed build folder, so a repeated `pip install -e .` rebuilds only what changed
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cutlass = find_cutlass()
         args = [
@@ -69,7 +70,9 @@ class CMakeBuild(build_ext):
         start = time.time()
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
-        print(f"llama3_kernels: built _C in {time.time() - start:.0f} s with {jobs} jobs")
+        report = f"llama3_kernels: built _C in {time.time() - start:.0f} s with {jobs} jobs"
+        (build_dir / "build_time.txt").write_text(report + "\n")  # pip -q hides this print; CI shows the file
+        print(report)
 
 
 setup(ext_modules=[Extension("llama3_kernels._C", sources=[])], cmdclass={"build_ext": CMakeBuild})
