@@ -65,4 +65,7 @@ def main(argv: list[str]) -> int:
     prompt = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
     rc = generate_main(["--model", "smollm2-135m", "--chat", "--prompt", prompt, "--max-new-tokens", "48"])
     print(f"(generation took {time.time() - start:.1f} s including loading)")
-    return rc
+    print("\n== benches, this project's ops beside their peers (on a CPU: reference timings, labelled so)")
+    from llama3_kernels.bench.cli import main as bench_main
+
+    return rc or bench_main(["--quick"])
