@@ -80,6 +80,29 @@ def rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
 
 
+@functools.cache
+def is_sm90(device_index: int) -> bool:
+    """The kernels are compiled for sm_90a only: any other card runs the references."""
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
 def use_cuda_kernel(name: str, *tensors: torch.Tensor) -> bool:
-    """Whether the compiled launcher `name` should run for these (CUDA, 16-byte aligned) tensors."""
-    return has_kernel(name) and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+    """Whether the compiled launcher `name` should run for these (CUDA, 16-byte aligned, sm_90) tensors."""
+    first = next(t for t in tensors if t is not None)
+    return (
+        has_kernel(name)
+        and is_sm90(first.device.index if first.device.index is not None else torch.cuda.current_device())
+        and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+    )
+
+
+def on_input_device(fn):
+    """Run a CUDA implementation with its first tensor argument's device current: launchers use the current one."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return wrapped

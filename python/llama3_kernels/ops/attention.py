@@ -19,6 +19,7 @@ from llama3_kernels.ops._common import (
     check_same_device,
     check_tensor,
     kernel,
+    on_input_device,
     ptr,
     sm_count,
     stream,
@@ -50,6 +51,7 @@ def flash_attn_fwd(
 
 
 @flash_attn_fwd.register_kernel("cuda")
+@on_input_device
 def _flash_attn_fwd_cuda(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, softmax_scale):
     if not _kernel_ok("flash_attn_fwd", q, k, v):
         return reference.flash_attention(q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
@@ -98,6 +100,7 @@ def flash_attn_bwd(
 
 
 @flash_attn_bwd.register_kernel("cuda")
+@on_input_device
 def _flash_attn_bwd_cuda(
     dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, softmax_scale, deterministic
 ):
@@ -160,6 +163,7 @@ def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int
 
 
 @decode_attn.register_kernel("cuda")
+@on_input_device
 def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     strides_ok = all(t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in (k_cache, v_cache))
     if not _kernel_ok("decode_attn", q, k_cache, v_cache) or not strides_ok:

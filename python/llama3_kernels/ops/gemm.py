@@ -16,6 +16,7 @@ from llama3_kernels.ops._common import (
     check_shape,
     check_tensor,
     kernel,
+    on_input_device,
     ptr,
     stream,
     use_cuda_kernel,
@@ -33,6 +34,7 @@ def fp8_rowwise_mm_fwd(
 
 
 @fp8_rowwise_mm_fwd.register_kernel("cuda")
+@on_input_device
 def _fp8_mm_cuda(xq, x_scale, wq, w_scale, bias, out_dtype):
     m, k = xq.shape
     n = wq.shape[0]

@@ -17,6 +17,7 @@ from llama3_kernels.ops._common import (
     check_shape,
     check_tensor,
     kernel,
+    on_input_device,
     ptr,
     rows_view,
     sm_count,
@@ -41,6 +42,7 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float)
 
 
 @rms_norm_fwd.register_kernel("cuda")
+@on_input_device
 def _rms_norm_fwd_cuda(x, weight, residual, eps):
     if not use_cuda_kernel("rms_norm_fwd", x, weight, residual) or x.dtype == torch.float32:
         return _ref_fwd(x, weight, residual, eps)
@@ -69,6 +71,7 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
 
 
 @rms_norm_bwd.register_kernel("cuda")
+@on_input_device
 def _rms_norm_bwd_cuda(dy, h, weight, rstd, dh):
     if not use_cuda_kernel("rms_norm_bwd", dy, h, weight, dh) or h.dtype == torch.float32:
         return reference.rms_norm_backward(dy, h, weight, rstd, dh)
@@ -123,6 +126,7 @@ def rms_norm_fp8_fwd(
 
 
 @rms_norm_fp8_fwd.register_kernel("cuda")
+@on_input_device
 def _rms_norm_fp8_cuda(x, weight, residual, eps, amax_ub):
     if not use_cuda_kernel("rms_norm_fp8_fwd", x, weight, residual) or x.dtype == torch.float32:
         q, scale, h = reference.rms_norm_fp8(x, weight, eps, residual, amax_ub)

@@ -11,6 +11,7 @@ from llama3_kernels.ops._common import (
     FLOAT_DTYPES,
     check_tensor,
     kernel,
+    on_input_device,
     ptr,
     rows_view,
     sm_count,
@@ -26,6 +27,7 @@ def quantize_fp8_rowwise_fwd(x: Tensor, amax_ub: float) -> tuple[Tensor, Tensor]
 
 
 @quantize_fp8_rowwise_fwd.register_kernel("cuda")
+@on_input_device
 def _quantize_cuda(x, amax_ub):
     if not use_cuda_kernel("quantize_fp8_rowwise", x):
         return reference.quantize_fp8_rowwise(x, amax_ub)

@@ -17,6 +17,7 @@ from llama3_kernels.ops._common import (
     check_shape,
     check_tensor,
     kernel,
+    on_input_device,
     ptr,
     rows_view,
     sm_count,
@@ -32,6 +33,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 
 
 @swiglu_fwd.register_kernel("cuda")
+@on_input_device
 def _swiglu_fwd_cuda(gate, up):
     if not use_cuda_kernel("swiglu_fwd", gate, up) or gate.dtype == torch.float32:
         return reference.swiglu(gate, up).contiguous()
@@ -57,6 +59,7 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @swiglu_bwd.register_kernel("cuda")
+@on_input_device
 def _swiglu_bwd_cuda(dy, gate, up):
     if not use_cuda_kernel("swiglu_bwd", dy, gate, up) or gate.dtype == torch.float32:
         dg, du = reference.swiglu_backward(dy, gate, up)
@@ -96,6 +99,7 @@ def swiglu_fp8_fwd(gate: Tensor, up: Tensor, amax_ub: float) -> tuple[Tensor, Te
 
 
 @swiglu_fp8_fwd.register_kernel("cuda")
+@on_input_device
 def _swiglu_fp8_cuda(gate, up, amax_ub):
     if not use_cuda_kernel("swiglu_fp8_fwd", gate, up) or gate.dtype == torch.float32:
         return reference.swiglu_fp8(gate, up, amax_ub)
