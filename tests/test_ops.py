@@ -488,3 +488,59 @@ def test_info_is_honest():
     from llama3_kernels.ops._common import _C
 
     assert (report["extension"] is not None and isinstance(report["extension"], dict)) == (_C is not None)
+
+
+# ------------------------------------------------------------------------------------ property tests
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, 9), f=st.integers(1, 200), fused=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_swiglu_property(rows, f, fused, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(rows, f, generator=g) * 4, torch.randn(rows, f, generator=g)
+    strided = torch.cat([torch.zeros(rows, 3), gate], -1)[:, 3:]  # row stride f + 3: not contiguous
+    y = l3k.swiglu(torch.cat([gate, up], -1)) if fused else l3k.swiglu(strided, up)
+    assert y.shape == (rows, f)
+    assert_close(y, F.silu(gate.double()) * up.double(), atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    n=st.integers(1, 300),
+    log_scale=st.floats(-12, 6),
+    ub=st.sampled_from([1200.0, 1.0, float("inf")]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_quantize_property(rows, n, log_scale, ub, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * 10.0**log_scale
+    q, s = l3k.quantize_fp8_rowwise(x, amax_ub=ub)
+    amax = x.abs().amax(-1)
+    want = torch.clamp(torch.minimum(amax, torch.tensor(ub)) / 448, min=1 / (448 * 512))
+    assert_close(s, want, atol=0, rtol=1e-6)
+    assert not torch.isnan(q.float()).any() and q.float().abs().max() <= 448
+    unclipped = amax <= min(ub, 448 * s.max().item() * 2)  # rows whose values all fit: error is rounding only
+    err = (reference.dequantize_fp8_rowwise(q, s) - x).abs()[unclipped]
+    assert (err <= x.abs()[unclipped] * 2**-4 + s[unclipped, None] * 2**-10 + 1e-30).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 20), min_size=1, max_size=5),
+    group=st.sampled_from([1, 2, 3]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_flash_attention_varlen_property(lens, group, causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    t, hkv = sum(lens), 2
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (
+        torch.randn(t, hkv * group, 64, generator=g),
+        torch.randn(t, hkv, 64, generator=g),
+        torch.randn(t, hkv, 64, generator=g),
+    )
+    out = l3k.flash_attention(q, k, v, causal=causal, cu_seqlens=cu)
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e > a:
+            want = sdpa_reference(q[None, a:e], k[None, a:e], v[None, a:e], causal)[0]
+            assert_close(out[a:e], want, atol=1e-5, rtol=1e-5)
