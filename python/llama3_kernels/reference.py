@@ -117,16 +117,17 @@ def fp8_rowwise_mm(
 
 
 # ---------------------------------------------------------------------------------------- attention
-def _attend(q, k, v, scale, causal):
-    """One sequence: q [Sq, Hq, D], k/v [Sk, Hkv, D] → (out [Sq, Hq, D] fp32, lse [Hq, Sq] fp32).
+def _softmax_probs(q, k, v, scale, causal):
+    """Attention probabilities of one sequence with the G query heads of each KV head stacked along rows.
 
+    q [Sq, Hq, D], k/v [Sk, Hkv, D] → (qf [Hkv, G*Sq, D], kf, vf [Hkv, Sk, D], p [Hkv, G*Sq, Sk], lse [Hkv, G*Sq]).
     Causal masks are aligned bottom-right (query i sees keys j <= i + Sk - Sq), as in FlashAttention.
-    Query rows that see no key give zeros and lse = -inf.
+    Query rows that see no key get p = 0 and lse = -inf.
     """
-    sq, hq, _ = q.shape
+    sq, hq, d = q.shape
     sk, hkv, _ = k.shape
     group = hq // hkv
-    qf = q.float().permute(1, 0, 2).reshape(hkv, group * sq, -1)  # [Hkv, G*Sq, D]
+    qf = q.float().permute(1, 0, 2).reshape(hkv, group * sq, d)  # [Hkv, G*Sq, D]
     kf, vf = k.float().permute(1, 0, 2), v.float().permute(1, 0, 2)  # [Hkv, Sk, D]
     s = (qf @ kf.transpose(1, 2)) * scale  # [Hkv, G*Sq, Sk]
     if causal:
@@ -135,7 +136,14 @@ def _attend(q, k, v, scale, causal):
         s = s.masked_fill(j[None, :] > (i[:, None] + sk - sq), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [Hkv, G*Sq]
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    out = (p @ vf).reshape(hq, sq, -1).permute(1, 0, 2)
+    return qf, kf, vf, p, lse
+
+
+def _attend(q, k, v, scale, causal):
+    """One sequence: q [Sq, Hq, D], k/v [Sk, Hkv, D] → (out [Sq, Hq, D] fp32, lse [Hq, Sq] fp32)."""
+    sq, hq, d = q.shape
+    _, _, vf, p, lse = _softmax_probs(q, k, v, scale, causal)
+    out = (p @ vf).reshape(hq, sq, d).permute(1, 0, 2)
     return out, lse.reshape(hq, sq)
 
 
@@ -196,18 +204,9 @@ def _attend_backward(q, k, v, dout, scale, causal):
     The G query heads of a KV head are stacked along the rows, so the matmuls sum dK/dV over the group.
     """
     sq, hq, d = q.shape
-    sk, hkv, _ = k.shape
-    group = hq // hkv
-    qf = q.float().permute(1, 0, 2).reshape(hkv, group * sq, d)  # [Hkv, G*Sq, D]
-    dof = dout.float().permute(1, 0, 2).reshape(hkv, group * sq, d)
-    kf, vf = k.float().permute(1, 0, 2), v.float().permute(1, 0, 2)  # [Hkv, Sk, D]
-    s = (qf @ kf.transpose(1, 2)) * scale  # [Hkv, G*Sq, Sk]
-    if causal:
-        i = torch.arange(sq, device=q.device).repeat(group)
-        j = torch.arange(sk, device=q.device)
-        s = s.masked_fill(j[None, :] > (i[:, None] + sk - sq), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+    hkv = k.shape[1]
+    qf, kf, vf, p, _ = _softmax_probs(q, k, v, scale, causal)
+    dof = dout.float().permute(1, 0, 2).reshape(hkv, (hq // hkv) * sq, d)  # [Hkv, G*Sq, D] like qf
     o = p @ vf
     dv = p.transpose(1, 2) @ dof
     ds = p * ((dof @ vf.transpose(1, 2)) - (dof * o).sum(-1, keepdim=True))
