@@ -22,3 +22,12 @@ def gen(request) -> torch.Generator:
     request.node.user_properties.append(("seed", seed))
     print(f"random seed {seed}")  # shown by pytest for a failing test
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes run fastest on one thread (and do not fight other processes for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

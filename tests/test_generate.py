@@ -36,13 +36,7 @@ def greedy_reference(model, prompt, n):
     return seq[len(prompt) :]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny shapes run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -18,13 +18,7 @@ from llama3_kernels.model.rope import rope_frequencies
 SMALL = dict(max_seq_len=128)  # short RoPE tables keep the tests fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny shapes run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- independent reference
