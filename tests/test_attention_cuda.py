@@ -253,6 +253,21 @@ def test_flash_bwd_deterministic_and_writes_every_output(gen):
         _assert_within(name, got, ref, low, gen.initial_seed())
 
 
+def test_flash_bwd_no_queries_zeroes_dk_dv(gen):
+    """Padded q with S = 0 against Sk = 37 keys: dk and dv (NaN-filled before) come back all zero."""
+    _need("flash_attn_bwd")
+    b, sk, hq, hkv, d, dtype = 2, 37, 4, 2, 64, torch.bfloat16
+    q = dout = out = torch.empty(b, 0, hq, d, dtype=dtype, device="cuda")
+    k, v = _randn(gen, b, sk, hkv, d, dtype=dtype), _randn(gen, b, sk, hkv, d, dtype=dtype)
+    lse = dsum = torch.empty(b, hq, 0, device="cuda")
+    dq, dk, dv = torch.empty_like(q), torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    kernel("flash_attn_bwd")(
+        ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dsum), ptr(dq), ptr(dk), ptr(dv), 0, 0, b, 0, sk,
+        0, sk, hq, hkv, d, True, 0.125, False, DTYPE_CODES[dtype], sm_count(0), stream(k),
+    )  # fmt: skip
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
 # ------------------------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("shape", [(3, 1, 32, 8, 128, 1000), (2, 4, 9, 3, 64, 777), (1, 1, 4, 4, 128, 8192)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -276,6 +291,30 @@ def test_decode(gen, shape, dtype, strided_cache):
     n = lens.tolist()
     lowp = torch.stack([_attend_lowp(q[i], k_cache[i, : n[i]], v_cache[i, : n[i]], scale, True) for i in range(b)])
     _assert_within("out", out, ref, lowp, gen.initial_seed())
+
+
+def test_decode_head_major_cache(gen):
+    """A head-major cache [B, Hkv, L, D] viewed as [B, L, Hkv, D] (KV heads not D apart) still attends correctly."""
+    _need("decode_attn")
+    b, sq, hq, hkv, d, cache_len = 2, 1, 8, 2, 64, 300
+    k_cache = _randn(gen, b, hkv, cache_len, d, dtype=torch.bfloat16).transpose(1, 2)
+    v_cache = _randn(gen, b, hkv, cache_len, d, dtype=torch.bfloat16).transpose(1, 2)
+    q = _randn(gen, b, sq, hq, d, dtype=torch.bfloat16)
+    cache_seqlens = torch.tensor([cache_len, 77], dtype=torch.int32, device="cuda")
+    out = attn.decode_attention(q, k_cache, v_cache, cache_seqlens)
+    scale = 1.0 / math.sqrt(d)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale)
+    n = cache_seqlens.tolist()
+    lowp = torch.stack([_attend_lowp(q[i], k_cache[i, : n[i]], v_cache[i, : n[i]], scale, True) for i in range(b)])
+    _assert_within("out", out, ref, lowp, gen.initial_seed())
+
+
+def test_decode_no_new_tokens():
+    """Sq = 0 (and so empty split-KV workspaces with null pointers) returns an empty output."""
+    _need("decode_attn")
+    q = torch.empty(2, 0, 8, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.zeros(2, 300, 2, 64, dtype=torch.bfloat16, device="cuda")
+    assert attn.decode_attention(q, k, k, torch.tensor([300, 17], dtype=torch.int32, device="cuda")).shape == q.shape
 
 
 def test_decode_opcheck(gen):

@@ -353,11 +353,17 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
   require(hkv > 0 && hq > 0 && hq % hkv == 0, "hkv", "query heads must be a positive multiple of KV heads");
   require(batch >= 0 && batch <= 65535, "batch", "expected 0..65535 sequences, got " + std::to_string(batch));
   require((cu_seqlens == 0) == (cu_seqlens_k == 0), "cu_seqlens_k", "pass both offset arrays or neither");
-  require(dsum != 0, "dsum", "the fp32 workspace is required");
   const bool varlen = cu_seqlens != 0;
   const int64_t q_tokens = varlen ? int64_t(total_q_or_S) : int64_t(batch) * total_q_or_S;
   const int64_t k_tokens = varlen ? int64_t(total_k_or_Sk) : int64_t(batch) * total_k_or_Sk;
-  if (batch == 0 || q_tokens == 0) return;
+  if (batch == 0 || q_tokens == 0) {  // no queries: dk/dv are zero (no kernel below would write them)
+    if (k_tokens > 0) {
+      check_cuda(cudaMemsetAsync(as_ptr<void>(dk), 0, k_tokens * hkv * d * 2, as_stream(stream)), "flash_bwd: memset");
+      check_cuda(cudaMemsetAsync(as_ptr<void>(dv), 0, k_tokens * hkv * d * 2, as_stream(stream)), "flash_bwd: memset");
+    }
+    return;
+  }
+  require(dsum != 0, "dsum", "the fp32 workspace is required");  // empty (null) only when there are no queries
   if (k_tokens == 0) {  // no keys anywhere: every gradient is zero (dk/dv are empty)
     check_cuda(cudaMemsetAsync(as_ptr<void>(dq), 0, q_tokens * hq * d * 2, as_stream(stream)), "flash_bwd: memset");
     return;

@@ -346,10 +346,11 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
   check_common(dtype, D, Hq, Hkv);
   require(B >= 0 && B <= 65535, "B", "expected 0..65535 sequences, got " + std::to_string(B));
   require(num_splits >= 1, "num_splits", "expected >= 1, got " + std::to_string(num_splits));
-  require(num_splits == 1 || (o_accum && lse_accum), "o_accum", "split-KV needs both partial workspaces");
   require(k_stride_l % 8 == 0 && k_stride_b % 8 == 0 && v_stride_l % 8 == 0 && v_stride_b % 8 == 0, "k_cache",
           "cache strides must be multiples of 8 elements (16-byte rows)");
   if (B == 0 || Sq == 0 || L == 0) return;
+  // checked after the early return: empty workspaces (no rows) have null pointers
+  require(num_splits == 1 || (o_accum && lse_accum), "o_accum", "split-KV needs both partial workspaces");
   FwdParams p{};
   p.q = as_ptr<const void>(q);
   p.k = as_ptr<const void>(k_cache);

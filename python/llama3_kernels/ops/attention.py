@@ -165,7 +165,14 @@ def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int
 @decode_attn.register_kernel("cuda")
 @on_input_device
 def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
-    strides_ok = all(t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in (k_cache, v_cache))
+    # The kernel addresses KV head h at h * D within a row: a head-major cache viewed as [B, L, Hkv, D] is not that.
+    strides_ok = all(
+        t.stride(3) == 1
+        and t.stride(0) % 8 == 0
+        and t.stride(1) % 8 == 0
+        and (t.shape[2] == 1 or t.stride(2) == t.shape[3])
+        for t in (k_cache, v_cache)
+    )
     if not _kernel_ok("decode_attn", q, k_cache, v_cache) or not strides_ok:
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
     q, cache_seqlens = q.contiguous(), cache_seqlens.contiguous()
