@@ -145,6 +145,13 @@ def test_public_op_batched_bias_dtypes(gen):
     assert empty.shape == (0, wq.shape[0])
 
 
+def test_op_off_16_takes_the_reference(gen):
+    """The custom op called directly with N off 16 (the public function refuses it) runs the reference."""
+    xq, x_scale, wq, w_scale, bias = _problem(3, 40, 64, True, gen)
+    y = fp8_rowwise_mm_fwd(xq, x_scale, wq, w_scale, bias, torch.bfloat16)
+    torch.testing.assert_close(y, reference.fp8_rowwise_mm(xq, x_scale, wq, w_scale, bias, torch.bfloat16))
+
+
 def test_opcheck(gen):
     xq, x_scale, wq, w_scale, bias = _problem(5, 64, 128, True, gen)
     # opcheck's schema test compares inputs with allclose, which float8 does not support (CUDA or CPU)

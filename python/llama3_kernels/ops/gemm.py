@@ -40,8 +40,14 @@ def _fp8_mm_cuda(xq, x_scale, wq, w_scale, bias, out_dtype):
     n = wq.shape[0]
     xq, x_scale, wq, w_scale = xq.contiguous(), x_scale.contiguous(), wq.contiguous(), w_scale.contiguous()
     bias32 = bias.float().contiguous() if bias is not None else None  # the epilogue reads fp32: exact for any dtype
-    launchable = use_cuda_kernel("fp8_rowwise_mm", xq, x_scale, wq, w_scale, bias32) and out_dtype in HALF_DTYPES
-    if not launchable or k == 0:  # fp32 output, K = 0 or misaligned data: the reference
+    launchable = (
+        use_cuda_kernel("fp8_rowwise_mm", xq, x_scale, wq, w_scale, bias32)
+        and out_dtype in HALF_DTYPES
+        and k % 16 == 0
+        and n % 16 == 0  # the public function checks these; a direct call of the op may not
+        and x_scale.dtype == w_scale.dtype == torch.float32
+    )
+    if not launchable or k == 0:  # fp32 output, K = 0, K or N off 16, or misaligned data: the reference
         return reference.fp8_rowwise_mm(xq, x_scale, wq, w_scale, bias, out_dtype)
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     with torch.cuda.device(xq.device):  # the launcher runs on the current device
