@@ -174,13 +174,16 @@ int sm_count(int device) {
   return count;
 }
 
-void check_status(cutlass::Status status, const char* what) {
+// A failed CUTLASS step as an error naming the step, the problem and the configuration.
+void check_status(cutlass::Status status, const char* what, const Problem& p, Config c) {
   if (status != cutlass::Status::kSuccess)
-    throw std::runtime_error(std::string("fp8_rowwise_mm: ") + what + ": " + cutlass::cutlassGetStatusString(status));
+    throw std::runtime_error(std::string("fp8_rowwise_mm: ") + what + " failed (" +
+                             cutlass::cutlassGetStatusString(status) + ") for M=" + std::to_string(p.m) +
+                             " N=" + std::to_string(p.n) + " K=" + std::to_string(p.k) + " with " + config_name(c));
 }
 
 template <class Cfg, class ElementD>
-void run(const Problem& p) {
+void run(const Problem& p, Config c) {
   using G = Fp8RowwiseGemm<Cfg, ElementD>;
   using Gemm = typename G::Gemm;
   using StrideA = typename Gemm::GemmKernel::StrideA;
@@ -208,25 +211,29 @@ void run(const Problem& p) {
   args.epilogue.thread = {{p.x_scale}, {{p.w_scale}, {}, {}}, {p.bias}, {}};
 
   Gemm gemm;
-  check_status(gemm.can_implement(args), "can_implement");
+  check_status(gemm.can_implement(args), "can_implement", p, c);
   // The persistent scheduler's workspace is usually empty; allocate it stream-ordered when it is not.
   size_t workspace_bytes = Gemm::get_workspace_size(args);
   void* workspace = nullptr;
   if (workspace_bytes > 0)
     check_cuda(cudaMallocAsync(&workspace, workspace_bytes, p.stream), "fp8_rowwise_mm: workspace");
+  const char* step = "initialize";  // TMA descriptors, shared memory size
   cutlass::Status status = gemm.initialize(args, workspace, p.stream);
-  if (status == cutlass::Status::kSuccess) status = gemm.run(p.stream);
+  if (status == cutlass::Status::kSuccess) {
+    step = "launch";
+    status = gemm.run(p.stream);
+  }
   if (workspace != nullptr) check_cuda(cudaFreeAsync(workspace, p.stream), "fp8_rowwise_mm: free workspace");
-  check_status(status, "launch");
+  check_status(status, step, p, c);
 }
 
 template <class ElementD>
 void dispatch(Config c, const Problem& p) {
   switch (c) {
-    case Config::kDecode16: return run<Decode16, ElementD>(p);
-    case Config::kDecode64: return run<Decode64, ElementD>(p);
-    case Config::kMid: return run<Mid, ElementD>(p);
-    case Config::kPrefill: return run<Prefill, ElementD>(p);
+    case Config::kDecode16: return run<Decode16, ElementD>(p, c);
+    case Config::kDecode64: return run<Decode64, ElementD>(p, c);
+    case Config::kMid: return run<Mid, ElementD>(p, c);
+    case Config::kPrefill: return run<Prefill, ElementD>(p, c);
   }
 }
 
