@@ -3,7 +3,8 @@
 // and a timing loop. Scratch code for the ladder in dev/attention/README.md; not part of the llama3_kernels build.
 //
 //   make -C dev/attention && ./dev/attention/v1_wgmma_fwd            # check + time every shape
-//   ./dev/attention/v1_wgmma_fwd --check-only                        # skip timing
+//   ./dev/attention/v1_wgmma_fwd --check-only --max-seqlen 1000      # no timing, short shapes (sanitizers)
+//   ./dev/attention/v1_wgmma_fwd --layout-check                      # host-only register-layout self-test
 //
 // Layouts: q [B, S, Hq, D], k/v [B, S, Hkv, D], o [B, S, Hq, D] (bf16, contiguous); lse [B, Hq, S] (fp32, natural
 // log). Query head h reads KV head h / (Hq / Hkv). Causal with equal query and key lengths (row i sees keys 0..i).
@@ -138,7 +139,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 // wgmma accumulator ((2, 2, N/8), MMA_M, MMA_N) viewed as (rows, cols) = ((2, MMA_M), (2, N/8, MMA_N)):
 // value mode 0 steps one column, mode 1 steps 8 rows, mode 2 steps 8 columns.
 template <class Layout>
-__device__ __forceinline__ constexpr auto acc_rowcol(Layout const& l) {
+CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout const& l) {
   static_assert(rank_v<Layout> == 3 && rank(get<0>(Layout{})) == 3, "expected an SM90 wgmma accumulator layout");
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
 }
@@ -619,16 +620,75 @@ static float time_ms(Shape4 shape, int heads_q, int heads_kv, const __nv_bfloat1
   return 0.5f * (times[kIters / 2 - 1] + times[kIters / 2]);
 }
 
+
+// ------------------------------------------------------------------------------------------------------------------
+// Host self-test of the register-layout assumptions the kernel relies on (runs without a GPU: --layout-check).
+// ------------------------------------------------------------------------------------------------------------------
+
+static bool layout_selftest() {
+  using Cfg = FwdConfig;
+  constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, D = Cfg::kHeadDim;
+  typename Cfg::TiledMmaQK mma_qk;
+  typename Cfg::TiledMmaPV mma_pv;
+  std::vector<int> owner_s(M * N, 0), owner_o(M * D, 0);
+  int errors = 0;
+  auto fail = [&](const char* what, int t) {
+    if (errors++ < 10) std::printf("layout self-test: %s (thread %d)\n", what, t);
+  };
+  for (int t = 0; t < 128 * Cfg::kConsumerWarpgroups; ++t) {
+    auto s_coords = mma_qk.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    auto p_coords = mma_pv.get_thread_slice(t).partition_A(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    auto o_coords = mma_pv.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+    auto p_frag_shape = partition_shape_A(mma_pv, Shape<Int<M>, Int<N>>{});
+    // The kernel writes P into a compact tensor of p_frag_shape in S's flat order: the coordinates must agree.
+    if (size(s_coords) != size(p_coords) || size(p_frag_shape) != size(s_coords)) fail("P and S sizes differ", t);
+    auto p_compact = make_layout(p_frag_shape);  // compact column-major, as make_tensor<Element>(shape) builds
+    for (int i = 0; i < size(s_coords); ++i) {
+      auto pc = p_coords(idx2crd(i, p_frag_shape));
+      if (s_coords(i) != pc || p_compact(idx2crd(i, p_frag_shape)) != i) fail("P register order != S order", t);
+    }
+    auto s_rc = make_tensor(s_coords.data(), acc_rowcol(s_coords.layout()));
+    auto o_rc = make_tensor(o_coords.data(), acc_rowcol(o_coords.layout()));
+    if (size<0>(s_rc) != 2 || size<0>(o_rc) != 2) fail("expected 2 rows per thread", t);
+    for (int r = 0; r < 2; ++r) {
+      const int row = get<0>(s_rc(r, 0));
+      // Rows of warpgroup w are 64w..64w+63; a quad (t ^ 1, t ^ 2) shares rows, so quad shuffles reduce a row.
+      if (row / 64 != t / 128) fail("row outside the thread's warpgroup half", t);
+      if (row % 64 != (t % 128) / 32 * 16 + (t % 32) / 4 + 8 * r) fail("row is not warp*16 + lane/4 + 8r", t);
+      for (int c = 0; c < size<1>(s_rc); ++c) {
+        if (get<0>(s_rc(r, c)) != row) fail("row view mixes rows (S)", t);
+        owner_s[row * N + get<1>(s_rc(r, c))] += 1;
+      }
+      for (int c = 0; c < size<1>(o_rc); ++c) {
+        if (get<0>(o_rc(r, c)) != row) fail("row view mixes rows (O)", t);
+        if (c % 2 == 1 && get<1>(o_rc(r, c)) != get<1>(o_rc(r, c - 1)) + 1) fail("O column pair not adjacent", t);
+        if (c % 2 == 0 && get<1>(o_rc(r, c)) % 2 != 0) fail("O column pair not 4-byte aligned", t);
+        owner_o[row * D + get<1>(o_rc(r, c))] += 1;
+      }
+    }
+  }
+  for (int x : owner_s) if (x != 1) { fail("S element not owned exactly once", -1); break; }
+  for (int x : owner_o) if (x != 1) { fail("O element not owned exactly once", -1); break; }
+  std::printf("layout self-test: %s\n", errors == 0 ? "PASS" : "FAIL");
+  return errors == 0;
+}
+
 int main(int argc, char** argv) {
   bool check_only = false;
+  int max_seqlen = 1 << 30;  // skip longer shapes (compute-sanitizer runs)
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--check-only") == 0) {
       check_only = true;
+    } else if (std::strcmp(argv[i], "--layout-check") == 0) {
+      return layout_selftest() ? 0 : 1;
+    } else if (std::strcmp(argv[i], "--max-seqlen") == 0 && i + 1 < argc) {
+      max_seqlen = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--check-only]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--check-only] [--max-seqlen N] | --layout-check\n", argv[0]);
       return 2;
     }
   }
+  if (!layout_selftest()) return 1;
   int device;
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDevice(&device));
@@ -646,6 +706,7 @@ int main(int argc, char** argv) {
   bool all_ok = true;
   for (Shape4 shape : shapes) {
     const int B = shape.batch, S = shape.seqlen;
+    if (S > max_seqlen) continue;
     const int64_t n_q = int64_t(B) * S * kHeadsQ * D, n_kv = int64_t(B) * S * kHeadsKV * D;
     __nv_bfloat16 *q, *k, *v, *o;
     float* lse;
