@@ -544,3 +544,9 @@ def test_flash_attention_varlen_property(lens, group, causal, seed):
         if e > a:
             want = sdpa_reference(q[None, a:e], k[None, a:e], v[None, a:e], causal)[0]
             assert_close(out[a:e], want, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_lse_is_not_differentiable(gen):
+    q = randn(gen, 1, 5, 2, 64).requires_grad_()
+    out, lse = l3k.flash_attention(q, q, q, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad

@@ -131,6 +131,7 @@ def _flash_setup(ctx, inputs, output):
     q, k, v, cu, cu_k, max_q, max_k, causal, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu, cu_k)
+    ctx.mark_non_differentiable(lse)  # a statistic for combining partial results; no gradient flows through it
     ctx.args = (max_q, max_k, causal, scale)
 
 
@@ -253,7 +254,8 @@ def flash_attention(
             tokens attend only within their own document.
         max_seqlen: longest document; computed (with a host sync) when omitted. Offsets are validated
             only when it is omitted.
-        return_lse: also return the natural-log log-sum-exp, fp32 [B, Hq, S] or [Hq, T].
+        return_lse: also return the natural-log log-sum-exp, fp32 [B, Hq, S] or [Hq, T]; it is marked
+            non-differentiable (gradients flow through `out` only).
         cu_seqlens_k, max_seqlen_k: separate key offsets (context parallelism: each query segment sees a
             longer key segment of its document).
     Returns:
