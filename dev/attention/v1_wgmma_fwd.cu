@@ -13,11 +13,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include <cute/tensor.hpp>
@@ -230,6 +232,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
       Tensor tKsK = cta_tma_k.partition_D(sK);  // (TMA, 1, 1, stage)
       Tensor tVgV = cta_tma_v.partition_S(gV);
       Tensor tVsV = cta_tma_v.partition_D(sV);
+      static_assert(rank_v<decltype(tKgK)> == 4 && rank_v<decltype(tKsK)> == 4, "K: (TMA, 1, 1, tile or stage)");
+      static_assert(rank_v<decltype(tVgV)> == 4 && rank_v<decltype(tVsV)> == 4, "V: (TMA, 1, 1, tile or stage)");
 
       // Rows past S arrive zero-filled; the transaction count is always the whole box.
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full, Cfg::kQBytes);
@@ -719,11 +723,25 @@ int main(int argc, char** argv) {
     fill_normal_kernel<<<1024, 256>>>(k, n_kv, 2 + S);
     fill_normal_kernel<<<1024, 256>>>(v, n_kv, 3 + S);
     CUDA_CHECK(cudaMemset(o, 0xff, n_q * sizeof(__nv_bfloat16)));  // NaN pattern: unwritten rows show up
+    cudaEvent_t done;
+    CUDA_CHECK(cudaEventCreate(&done));
     flash_fwd_sm90(reinterpret_cast<const cutlass::bfloat16_t*>(q), reinterpret_cast<const cutlass::bfloat16_t*>(k),
                    reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<cutlass::bfloat16_t*>(o), lse, B,
                    S, kHeadsQ, kHeadsKV, scale, nullptr);
     CUDA_CHECK(cudaGetLastError());
-    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaEventRecord(done));
+    // A barrier-phase bug hangs instead of failing: give up after 20 s (the slowest shape takes milliseconds).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    cudaError_t state;
+    while ((state = cudaEventQuery(done)) == cudaErrorNotReady) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::printf("B=%d S=%d: kernel still running after 20 s, a pipeline barrier never completed (hang)\n", B, S);
+        return 1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    CUDA_CHECK(state);
+    CUDA_CHECK(cudaEventDestroy(done));
     std::printf("B=%d S=%d Hq=%d Hkv=%d D=%d causal\n", B, S, kHeadsQ, kHeadsKV, D);
     all_ok &= check_shape(shape, kHeadsQ, kHeadsKV, q, k, v, o, lse, scale);
     if (!check_only && S >= 1024) {
