@@ -168,7 +168,7 @@ def cases(ctx: Context) -> list[Case]:
                 Impl("SDPA flash", sdpa("FLASH_ATTENTION")),
                 Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip),
                 Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip),
-                Impl("FlexAttention (compiled)", _flex, skip=compile_skip),
+                Impl("FlexAttention (compiled)", _flex, skip=compile_skip, compiles=True),
                 Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
             ]
             flops = fwd_flops * (2.5 if mode == "bwd" else 1.0)
@@ -186,7 +186,7 @@ def cases(ctx: Context) -> list[Case]:
             Impl("SDPA flash", skip="SDPA's flash backend takes no attention mask (documents need varlen)"),
             Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
             Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
-            Impl("FlexAttention (compiled)", _flex, skip=compile_skip),
+            Impl("FlexAttention (compiled)", _flex, skip=compile_skip, compiles=True),
             Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
         ]
         flops = 4.0 * hq * d * pairs * (2.5 if mode == "bwd" else 1.0)

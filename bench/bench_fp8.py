@@ -65,7 +65,7 @@ def cases(ctx: Context) -> list[Case]:
             impls = [
                 Impl(OURS, lambda i, ours=ours: lambda: ours(i), ours=True),
                 Impl("torch eager reference", lambda i, call=call, ref=ref: lambda: call(ref, i)),
-                Impl("torch.compile(reference)", make_compiled, skip=ctx.compile_skip()),
+                Impl("torch.compile(reference)", make_compiled, skip=ctx.compile_skip(), compiles=True),
             ]
             out.append(Case(FAMILY, op, "fwd", f"{m}x{n}", "bf16→e4m3", inputs, impls, bytes=nbytes(m, n),
                             formula=formula))  # fmt: skip

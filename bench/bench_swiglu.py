@@ -62,6 +62,9 @@ def cases(ctx: Context) -> list[Case]:
                 )
             else:
                 nbytes, formula = 3 * m * f * e, "bytes = 3·M·F·2 (read gate, up; write y)"
-            impls = [Impl(n, _make(fac, mode), ours=n == OURS, skip=skip) for n, (fac, skip) in fns.items()]
+            impls = [
+                Impl(n, _make(fac, mode), ours=n == OURS, skip=skip, compiles=n.startswith("torch.compile"))
+                for n, (fac, skip) in fns.items()
+            ]
             out.append(Case(FAMILY, "swiglu", mode, f"{m}x{f}", "bf16", inputs, impls, bytes=nbytes, formula=formula))
     return out

@@ -3,8 +3,12 @@
   l3k bench [--ops norm,swiglu,...] [--quick] [--json PATH] [--markdown PATH] [--plot DIR]
   l3k bench --compare BASELINE.json --max-regression 5% [--current RESULTS.json]
 
+With --json / --markdown the files are rewritten after every row (env.complete false until the end), so a
+run killed by an outer time limit still leaves every row it finished.
+
 Exit status: 0 fine, 1 the regression gate failed (the regressed rows are named), 2 bad usage or
-results that cannot be compared (different devices).
+results that cannot be compared (different devices), 3 the CUDA context was lost mid-run (a kernel fault;
+the rows after it say skipped).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import importlib
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-all", action="store_true", help="gate peers' rows too, not only this project's")
     p.add_argument("--current", metavar="RESULTS", help="with --compare: judge this results JSON instead of running")
     p.add_argument("--budget-s", type=float, default=None, help="stop timing after this many seconds (rest: skipped)")
+    p.add_argument(
+        "--impl-timeout-s",
+        type=float,
+        default=180.0,
+        help="abandon one impl after this many seconds, compilation included (an error row; default 180)",
+    )
+    p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile / FlexAttention peers")
     p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile peers on CPU")
     p.add_argument("--list", action="store_true", help="print the rows that would run, run nothing")
     p.add_argument("--no-progress", action="store_true")
@@ -75,14 +87,32 @@ def collect(ctx: harness.Context, families: list[str]) -> list[harness.Case]:
     return cases
 
 
+def _write(args: argparse.Namespace, env: dict, rows: list[dict], settings: dict) -> None:
+    """Write the JSON and markdown that were asked for (each replaced whole, so a reader never sees half a file)."""
+    for path, text in (
+        (args.json, lambda: harness.dumps(env, rows, settings)),
+        (args.markdown, lambda: harness.markdown(env, rows)),
+    ):
+        if path:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(text())
+            tmp.replace(target)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Run the selected families and return the results document."""
+    """Run the selected families and return the results document (partial files written as rows finish)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but no CUDA GPU is visible")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     ctx = harness.Context(device, quick=args.quick, compile_on_cpu=args.compile_on_cpu)
     settings = dataclasses.replace(SETTINGS[(ctx.tier, args.quick)])  # a copy: the deadline is per run
+    if args.impl_timeout_s is not None and not args.impl_timeout_s > 0:
+        raise ValueError(f"--impl-timeout-s: expected a positive number of seconds, got {args.impl_timeout_s}")
+    settings.impl_timeout_s = args.impl_timeout_s
+    settings.run_compiled = not args.no_compiled
     families = _families(args.ops)
     torch.manual_seed(0)
     cases = collect(ctx, families)
@@ -98,11 +128,27 @@ def run(args: argparse.Namespace) -> dict:
         if args.budget_s is not None:
             settings.deadline = start + args.budget_s
         paths = harness.our_paths(device)
-        rows = harness.run_cases(cases, device, settings, label, paths, progress=not args.no_progress)
+        saved = {k: v for k, v in vars(settings).items() if k != "deadline"}
+        saved |= {"tier": ctx.tier, "budget_s": args.budget_s}
+        env["tier"], env["families"], env["complete"] = ctx.tier, families, False
+
+        def partial(rows: list[dict]) -> None:
+            env["wall_s"] = round(time.monotonic() - start, 1)
+            _write(args, env, rows, saved)
+
+        rows = harness.run_cases(
+            cases,
+            device,
+            settings,
+            label,
+            paths,
+            progress=not args.no_progress,
+            on_row=partial if args.json or args.markdown else None,
+        )
     finally:
         torch.set_num_threads(threads)
-    env["tier"], env["families"], env["wall_s"] = ctx.tier, families, round(time.monotonic() - start, 1)
-    saved = {k: v for k, v in vars(settings).items() if k != "deadline"} | {"tier": ctx.tier, "budget_s": args.budget_s}
+    env["wall_s"], env["complete"] = round(time.monotonic() - start, 1), True
+    env["cuda_context_lost"] = harness.cuda_broken(device)
     return {"schema": harness.SCHEMA, "env": env, "settings": saved, "rows": rows}
 
 
@@ -127,18 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.current:
         print()
         print(harness.markdown(doc["env"], doc["rows"]))
-        if args.json:
-            harness.write_json(args.json, doc["env"], doc["rows"], doc["settings"])
-            print(f"bench: wrote {args.json}")
-        if args.markdown:
-            from pathlib import Path
-
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(harness.markdown(doc["env"], doc["rows"]))
-            print(f"bench: wrote {args.markdown}")
+        _write(args, doc["env"], doc["rows"], doc["settings"])
+        for path in (args.json, args.markdown):
+            if path:
+                print(f"bench: wrote {path}")
         if args.plot:
             for path in harness.plot(doc["env"], doc["rows"], args.plot):
                 print(f"bench: wrote {path}")
+        if doc["env"].get("cuda_context_lost"):
+            print(f"l3k bench: the CUDA context was lost: {doc['env']['cuda_context_lost']}", file=sys.stderr)
+            return 3
 
     if baseline is None:
         return 0

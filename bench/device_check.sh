@@ -1,115 +1,204 @@
 #!/usr/bin/env bash
-# The H100 device check, one command on a fresh box (no network):
-#   bash bench/device_check.sh [OUT]        (OUT defaults to $OUT, else ./out/device_check)
-# build the extension with all cores → GPU tests alongside compute-sanitizer memcheck on every compiled kernel →
-# the benches (JSON, markdown, plots). Every phase is time-boxed so the whole run ends inside
-# L3K_CHECK_BUDGET_S (default 470 s, under 8 minutes); the bench gets what is left and marks rows it could
-# not reach as skipped. Wheels the image lacks (nvidia-cutlass for the headers, liger-kernel as a peer) are
-# installed from .whl/ (fetch them with bench/fetch_wheels.sh where there is network).
-# Writes at most 8 files under OUT, no subfolders: <stem>.json, <stem>.md, plots.tar.gz, logs.tar.gz,
-# summary.txt, where <stem> = <date>_<gpu>_<commit> as bench/results/README.md names results.
-# Knobs: L3K_BENCH_ARGS (extra `l3k bench` flags, e.g. "--quick" or "--ops norm,gemm"), MAX_JOBS,
-# L3K_CHECK_BUDGET_S, L3K_SKIP (comma list of phases to skip: build,tests,sanitize,bench).
+# The H100 device check: one command on a fresh, offline box. Build the extension, run the GPU tests next to
+# compute-sanitizer (memcheck on every kernel family, racecheck on the shared-memory ones), then the benches.
+#
+# THE NEXT SESSION'S CALL (15 min of device time in all, start-up included: make exactly one):
+#   1. Here, first:   bash bench/fetch_wheels.sh        (wheels into .whl/, and .whl/COMMIT = HEAD; commit first,
+#                                                       so the results name a commit that exists)
+#   2. The tool call: run(command="bash bench/device_check.sh \"$OUT\"", carry=[".whl"], timeout_s=560)
+#      (kind left out: an H100, or an H200 if none opens; the GPU's name goes into every file name and row)
+#   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
+#        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
+#        git add bench/results/<stem>.* && git commit -m "bench: <gpu> results of <commit>" -- bench/results/<stem>.*
+#      <stem> = <UTC date>_<gpu>_<commit7>, e.g. 2026-11-28_h100-80gb-hbm3_1a2b3c4 (bench/results/README.md).
+#      summary.txt (also the end of the reply) says which phases passed; logs.tar.gz holds every log (build,
+#      tests, each sanitizer process, bench); plots.tar.gz one PNG per family. Don't commit those; report
+#      failures from them. Then give_back (unless rerunning at once with L3K_SKIP / L3K_BENCH_ARGS below).
+#
+# Time: phases are capped so the script ends inside L3K_CHECK_BUDGET_S (default 480 s; the 560 s timeout
+# leaves 80 s of slack). Build ≤ 240 s (about a minute with 16 jobs), tests ∥ sanitizer ≤ 150 s, the bench
+# gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
+# FlexAttention) in a second pass, each impl capped at 90 s; the bench rewrites its JSON and markdown after
+# every row, so a cut leaves every finished row. A failing phase never stops the next one.
+# Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
+# plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
+# refreshed after every phase.
+# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,tests,sanitize,bench);
+# L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
+# (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3).
+# Dry run on a machine without a GPU: L3K_SKIP=build,sanitize L3K_BENCH_ARGS="--quick --ops norm" bash
+# bench/device_check.sh /tmp/dc   (the GPU tests skip, the bench runs the CPU tier; checks the plumbing).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT_DIR=${1:-${OUT:-out/device_check}}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOGS=$(mktemp -d /tmp/l3k_logs.XXXX)
 PLOTS=$(mktemp -d /tmp/l3k_plots.XXXX)
 START=$(date +%s)
-DEADLINE=$((START + ${L3K_CHECK_BUDGET_S:-470}))
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-PY=${PYTHON:-python3}
+BUDGET=${L3K_CHECK_BUDGET_S:-480}
+DEADLINE=$((START + BUDGET))
+# offline: pip must never wait on an index or its own version check (each retry costs seconds there)
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export PY=${PYTHON:-python3}
 SUMMARY="$LOGS/summary.txt"
-FAILED="$LOGS/failed"  # a file, not a variable: phases may run in the background
+FAILED="$LOGS/failed" # a file, not a variable: phases may run in the background
 
 left() { echo $((DEADLINE - $(date +%s))); }
 skipped() { [[ ",${L3K_SKIP:-}," == *",$1,"* ]]; }
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# copy what exists so far into OUT: a kill at any point still returns the summary and the logs
+snapshot() {
+  cp "$SUMMARY" "$OUT_DIR/summary.txt" 2>/dev/null
+  tar -czf "$OUT_DIR/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+  return 0
+}
 
 # phase NAME CAP_SECONDS CMD...: run CMD with a timeout of min(CAP, time left), log to $LOGS/NAME.log
 phase() {
   local name=$1 cap=$2
   shift 2
-  local budget t0 rc
+  local budget t0 rc took
   budget=$(left)
   ((budget > cap)) && budget=$cap
   if skipped "$name"; then
-    echo "phase $name: skipped (L3K_SKIP)" | tee -a "$SUMMARY"
+    say "phase $name: skipped (L3K_SKIP)"
     return 0
   fi
   if ((budget < 10)); then
-    echo "phase $name: not run, the time budget is spent" | tee -a "$SUMMARY"
+    say "phase $name: not run, the time budget is spent"
     touch "$FAILED"
-    return 1
+    return 0
   fi
   echo "=== phase $name (up to ${budget} s): $*"
   t0=$(date +%s)
   timeout --kill-after=10 "$budget" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
-  local took=$(($(date +%s) - t0))
+  took=$(($(date +%s) - t0))
   if ((rc == 0)); then
-    echo "phase $name: ok in ${took} s" | tee -a "$SUMMARY"
+    say "phase $name: ok in ${took} s"
   else
     [[ $rc == 124 || $rc == 137 ]] && rc="$rc (timed out after ${budget} s)"
-    echo "phase $name: FAILED rc=$rc in ${took} s; last lines:" | tee -a "$SUMMARY"
-    tail -n 25 "$LOGS/$name.log" | sed 's/^/    /' >"$LOGS/$name.tail"
-    tee -a "$SUMMARY" <"$LOGS/$name.tail"
+    say "phase $name: FAILED rc=$rc in ${took} s; last lines of $name.log:"
+    tail -n 25 "$LOGS/$name.log" | cut -c1-300 | sed 's/^/    /' | tee -a "$SUMMARY"
     touch "$FAILED"
   fi
+  snapshot
   return 0
 }
 
 # ----------------------------------------------------------------------------------- environment
+COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=""
+if [[ -n $COMMIT ]]; then
+  [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && COMMIT="$COMMIT dirty"
+elif [[ -f .whl/COMMIT ]]; then # the tree travels without .git: fetch_wheels.sh stamped HEAD
+  COMMIT=$(head -n 1 .whl/COMMIT)
+fi
+export L3K_COMMIT=${COMMIT:-unknown} # harness.environment() falls back on it
 {
-  echo "device check $(date -u +%FT%TZ) on $(hostname), budget ${L3K_CHECK_BUDGET_S:-470} s, MAX_JOBS=$MAX_JOBS"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
-  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "device check $(date -u +%FT%TZ) on $(hostname), budget ${BUDGET} s, MAX_JOBS=$MAX_JOBS, commit $L3K_COMMIT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv,noheader ||
+    echo "nvidia-smi failed"
+  $PY -c "import sys, torch; print('python', sys.version.split()[0], sys.executable, '| torch', torch.__version__,
+'cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
-} 2>&1 | tee "$LOGS/env.log"
+  $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|setuptools|pybind11|pip|wheel|ninja|cmake|pytest-timeout) "
+} 2>&1 | tee "$LOGS/env.log" | tee -a "$SUMMARY"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
+  # --no-deps and --target: nothing in the image (torch above all) is replaced; PYTHONPATH puts them on the path
   t0=$(date +%s)
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$LOGS/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  echo "phase wheels: $(ls .whl | tr '\n' ' ')in $(($(date +%s) - t0)) s" | tee -a "$SUMMARY"
+  if $PY -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$LOGS/wheels.log" 2>&1; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    say "phase wheels: ok in $(($(date +%s) - t0)) s: $(cd .whl && echo *.whl)"
+  else
+    say "phase wheels: FAILED (see wheels.log): $(tail -n 3 "$LOGS/wheels.log" | tr '\n' ' ')"
+    touch "$FAILED"
+  fi
 else
-  echo "phase wheels: no .whl/ folder (the build needs nvidia-cutlass; liger rows will say not installed)" | tee -a "$SUMMARY"
+  say "phase wheels: no .whl/ folder (run bench/fetch_wheels.sh here first): no CUTLASS headers, no Liger"
 fi
+$PY -c "import importlib.util as u; s = u.find_spec('cutlass_library'); print('cutlass_library:',
+s.submodule_search_locations[0] if s else 'NOT FOUND (the build will fail)')" 2>&1 | tee -a "$SUMMARY"
+snapshot
 
 # ------------------------------------------------------------------------------------------ phases
-phase build 300 env LLAMA3_KERNELS_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e .
-$PY -c "import json, llama3_kernels as l; print(json.dumps(l.info(), indent=1))" 2>&1 | tee "$LOGS/info.log"
+# Editable install: the extension lands in python/llama3_kernels/, llama3_kernels.bench maps to bench/. If
+# the compile succeeded but the editable install did not (an old setuptools, say), a plain install reuses
+# the same CMake build folder (only a relink) and copies the package into site-packages.
+export BUILD_LOG=$LOGS/build_editable.log
+# shellcheck disable=SC2016  # expanded by the inner bash, from the exported PY and BUILD_LOG
+phase build 240 bash -c '
+  LLAMA3_KERNELS_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$BUILD_LOG"
+  [[ ${PIPESTATUS[0]} == 0 ]] && exit 0
+  grep -q "llama3_kernels: built _C" "$BUILD_LOG" || exit 1
+  echo "=== the editable install failed after a good compile: plain install"
+  LLAMA3_KERNELS_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps .'
+grep -h "llama3_kernels: built _C" "$LOGS/build.log" 2>/dev/null | tail -n 1 | sed 's/^ */    /' | tee -a "$SUMMARY"
+$PY -c "import json, llama3_kernels as l; print(json.dumps(l.info(), indent=1))" >"$LOGS/info.log" 2>&1
+$PY - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import llama3_kernels
+from llama3_kernels.info import OP_KERNELS
+from llama3_kernels.ops._common import has_kernel
 
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-SAN_ARGS=(--tool memcheck --error-exitcode 1 --print-limit 50)
-# instrument only this project's kernels (namespace l3k, CUTLASS's included) when the tool can filter: faster
-"$SAN" --help 2>/dev/null | grep -q -- "--kernel-name" && SAN_ARGS+=(--kernel-name kns=l3k)
+names = sorted({n for ns in OP_KERNELS.values() for n in ns})
+built = [n for n in names if has_kernel(n)]
+print(f"kernels built: {len(built)}/{len(names)}" + (f"; missing: {', '.join(sorted(set(names) - set(built)))}" if len(built) < len(names) else ""))
+EOF
+
 # tests and the sanitizer only check correctness, so they share the GPU; the benches run alone afterwards
-phase sanitize 150 "$SAN" "${SAN_ARGS[@]}" $PY bench/sanitize_cases.py &
-phase tests 150 $PY -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
+TEST_ARGS=(-m cuda tests -v -rfEs -p no:cacheprovider --continue-on-collection-errors)
+$PY -c "import pytest_timeout" 2>/dev/null && TEST_ARGS+=(--timeout=60) # one hung test must not eat the phase
+SAN_S=$(($(left) < 150 ? $(left) : 150))
+phase sanitize 150 "$PY" bench/sanitize_cases.py --sanitize "${L3K_SANITIZE:-memcheck,racecheck}" \
+  --timeout-s $((SAN_S - 10)) --log-dir "$LOGS" &
+phase tests 150 "$PY" -m pytest "${TEST_ARGS[@]}"
 wait
+{
+  [[ -f $LOGS/sanitize.log ]] && grep -E "^(memcheck|racecheck) .* ok \(" "$LOGS/sanitize.log" | sed 's/^/    /'
+  [[ -f $LOGS/tests.log ]] && grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$LOGS/tests.log" | head -n 40 |
+    cut -c1-300 | sed 's/^/    /'
+} | tee -a "$SUMMARY"
+snapshot
 
 STEM=$($PY - <<'EOF'
-import datetime, re, subprocess, torch
+import datetime, os, re, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 gpu = re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-")
-try:
-    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
-except OSError:
-    commit = ""
-print(f"{datetime.date.today():%Y-%m-%d}_{gpu}_{commit or 'nocommit'}")
+commit = os.environ.get("L3K_COMMIT", "unknown").split()[0]
+commit = commit[:7] if re.fullmatch(r"[0-9a-f]{7,40}", commit) else "nocommit"
+print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}_{gpu}_{commit}")
 EOF
 )
-BENCH_S=$(($(left) - 25))
-phase bench $((BENCH_S + 15)) $PY -m llama3_kernels.cli bench --budget-s "$BENCH_S" --no-progress \
-  --json "$OUT_DIR/$STEM.json" --markdown "$OUT_DIR/$STEM.md" --plot "$PLOTS" ${L3K_BENCH_ARGS:-}
+[[ -n $STEM ]] || STEM="$(date -u +%F)_unknown_nocommit"
+say "results stem: $STEM"
+# the bench stops starting impls after BENCH_S and caps each impl (a compile included) at 90 s, and at 30 s
+# past its deadline; the phase's own cap is 50 s later still, so the JSON and markdown get written
+BENCH_S=$(($(left) - 60))
+read -r -a BENCH_EXTRA <<<"${L3K_BENCH_ARGS:-}"
+phase bench $((BENCH_S + 50)) "$PY" -m llama3_kernels.cli bench --budget-s "$BENCH_S" --impl-timeout-s 90 \
+  --no-progress --json "$OUT_DIR/$STEM.json" --markdown "$OUT_DIR/$STEM.md" --plot "$PLOTS" "${BENCH_EXTRA[@]}"
+if [[ -f $OUT_DIR/$STEM.json ]]; then
+  $PY - "$OUT_DIR/$STEM.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import collections, json, sys
+doc = json.load(open(sys.argv[1]))
+n = collections.Counter(x["status"] for r in doc["rows"] for x in r["results"])
+ours = collections.Counter(x["status"] for r in doc["rows"] for x in r["results"] if x["ours"])
+print(f"    bench: {len(doc['rows'])} rows, complete={doc['env'].get('complete')}, impls {dict(n)}, ours {dict(ours)}")
+for r in doc["rows"]:
+    for x in r["results"]:
+        if x["ours"] and x["status"] == "error":
+            print(f"    ours error: {r['key']}: {x['reason'][:160]}")
+EOF
+fi
 
 # ------------------------------------------------------------------------------------------ outputs
-echo "total: $(($(date +%s) - START)) s" | tee -a "$SUMMARY"
-cp "$SUMMARY" "$OUT_DIR/summary.txt"
+say "total: $(($(date +%s) - START)) s of ${BUDGET} s"
 compgen -G "$PLOTS/*.png" >/dev/null && tar -czf "$OUT_DIR/plots.tar.gz" -C "$PLOTS" .
-tar -czf "$OUT_DIR/logs.tar.gz" -C "$LOGS" .
-[[ -f "$OUT_DIR/$STEM.md" ]] && cat "$OUT_DIR/$STEM.md"
+snapshot
+[[ -f "$OUT_DIR/$STEM.md" ]] && head -c 6000 "$OUT_DIR/$STEM.md"
 echo
 cat "$SUMMARY"
 ls -la "$OUT_DIR"

@@ -5,17 +5,25 @@ into a zero-argument callable to time. `run_cases` times every impl of every cas
 by writing a 256 MB buffer before each repeat, median of many repeats; host clock on CPU), derives TB/s,
 TFLOP/s and MFU from the case's explicit minimum-bytes and FLOP formulas, and the ratio of this project's
 time to the best peer's. Results go to JSON, markdown and PNG plots; `compare` is the regression gate.
+
+Bounded for a short GPU lease: impls that compile (`Impl.compiles`) run in a second pass after every other
+row; each impl has a wall-clock cap (compile included); an output with NaN/Inf, an exception or the cap
+makes an error row, never a number; a lost CUDA context stops the run with the remaining rows skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
+import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -44,6 +52,8 @@ class Impl:
         peak: overrides the case's MFU denominator (an fp8 impl in a bf16 row).
         note: a short remark shown with the result; `make` may instead set a `note` attribute on the
             callable it returns (e.g. "K/V repeated: backend lacks GQA").
+        compiles: the impl compiles (torch.compile, FlexAttention): it runs in the second pass, after every
+            other impl of every row, so compile time cannot starve this project's rows.
     """
 
     name: str
@@ -54,6 +64,7 @@ class Impl:
     flops: float | None = None
     peak: float | None = None
     note: str = ""
+    compiles: bool = False
 
 
 @dataclasses.dataclass
@@ -106,6 +117,8 @@ class Settings:
     max_reps: int = 200
     budget_ms: float = 150.0
     deadline: float | None = None  # time.monotonic() after which the remaining impls are skipped
+    impl_timeout_s: float | None = None  # wall-clock cap per impl (make, check, warm-up, timing); None: none
+    run_compiled: bool = True  # False: impls that compile are skipped
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -162,6 +175,34 @@ class Timer:
 
 
 # ------------------------------------------------------------------------------------------ running
+BUDGET_SPENT = "time budget of this run exhausted"
+
+
+class ImplTimeout(BaseException):
+    """An impl ran past its wall-clock cap. A BaseException, so library code that catches Exception (a
+    compiler falling back to eager, say) cannot swallow it and go on to time something else."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise ImplTimeout in this thread after `seconds` (SIGALRM; a no-op off the main thread or without it)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not seconds or not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise ImplTimeout(f"abandoned after {seconds:.0f} s (wall-clock cap per impl, compilation included)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _first_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text[:200]
@@ -182,34 +223,85 @@ def _figures(res: Result, case: Case, impl: Impl, on_gpu: bool) -> None:
         res.items_per_s = case.items / sec
 
 
-def run_case(case: Case, timer: Timer, our_path: str = "") -> list[Result]:
-    """Time every impl of `case` on one set of inputs. Failures become error rows, never numbers."""
+def check_finite(out: Any) -> None:
+    """Raise ValueError when a floating-point tensor in `out` (nested tuples, lists, dicts) holds NaN or Inf.
+
+    Raises:
+        ValueError: naming the output's position, shape and dtype.
+    """
+    stack: list[tuple[str, Any]] = [("output", out)]
+    while stack:
+        where, x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if not x.is_floating_point() or x.numel() == 0:
+                continue
+            t = x.detach()
+            if t.element_size() == 1:  # fp8: isfinite has no kernel for it everywhere; bf16 holds every value
+                t = t.to(torch.bfloat16)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where} {tuple(x.shape)} {x.dtype} holds NaN or Inf: not timed")
+        elif isinstance(x, (tuple, list)):
+            stack += [(f"{where}[{i}]", y) for i, y in enumerate(x)]
+        elif isinstance(x, dict):
+            stack += [(f"{where}[{k!r}]", y) for k, y in x.items()]
+
+
+def _limit(settings: Settings) -> float | None:
+    """This impl's cap: the per-impl cap, shortened so that no impl runs far past the run's deadline."""
+    cap = settings.impl_timeout_s
+    if settings.deadline is not None:
+        past = max(5.0, settings.deadline - time.monotonic() + 30.0)  # 30 s of grace past the deadline
+        cap = past if cap is None else min(cap, past)
+    return cap
+
+
+def run_case(
+    case: Case, timer: Timer, our_path: str = "", select: Callable[[Impl], bool] | None = None
+) -> list[Result]:
+    """Time every impl of `case` on one set of inputs. Failures become error rows, never numbers.
+
+    Args:
+        select: run only the impls it accepts (None: all); the others are left out of the returned list.
+
+    Returns:
+        One Result per selected impl, in the case's order.
+    """
+    impls = [i for i in case.impls if select is None or select(i)]
     results: list[Result] = []
-    deadline = timer.settings.deadline
-    if deadline is not None and time.monotonic() > deadline:  # don't even build the inputs
-        reason = "time budget of this run exhausted"
-        return [Result(i.name, i.ours, "skipped", i.skip or reason) for i in case.impls]
+    settings = timer.settings
+    deadline = settings.deadline
+    if not impls:
+        return results
+    if all(i.skip for i in impls) or (deadline is not None and time.monotonic() > deadline):
+        return [Result(i.name, i.ours, "skipped", i.skip or BUDGET_SPENT) for i in impls]  # no inputs built
     try:
-        inputs = case.inputs()
-    except Exception as e:  # e.g. out of memory: every impl of the row reports it
+        with _time_limit(_limit(settings)):
+            inputs = case.inputs()
+    except (Exception, ImplTimeout) as e:  # e.g. out of memory: every impl of the row reports it
         reason = f"inputs: {_first_line(e)}"
         _free(timer.device)
-        return [Result(i.name, i.ours, "skipped" if i.skip else "error", i.skip or reason) for i in case.impls]
-    for impl in case.impls:
+        return [Result(i.name, i.ours, "skipped" if i.skip else "error", i.skip or reason) for i in impls]
+    for impl in impls:
         res = Result(impl.name, impl.ours, "ok", path=our_path if impl.ours else "", note=impl.note)
         if impl.skip:
             res.status, res.reason = "skipped", impl.skip
+        elif impl.compiles and not settings.run_compiled:
+            res.status, res.reason = "skipped", "compiled peers not run (--no-compiled)"
         elif deadline is not None and time.monotonic() > deadline:
-            res.status, res.reason = "skipped", "time budget of this run exhausted"
+            res.status, res.reason = "skipped", BUDGET_SPENT
         else:
             fn = None
             try:
-                fn = impl.make(inputs)
-                res.note = getattr(fn, "note", None) or res.note
-                res.ms, res.ms_min, res.reps = timer.measure(fn)
+                with _time_limit(_limit(settings)):
+                    fn = impl.make(inputs)
+                    res.note = getattr(fn, "note", None) or res.note
+                    check_finite(fn())  # one checked call first: NaN or Inf makes an error row, not a time
+                    res.ms, res.ms_min, res.reps = timer.measure(fn)
                 _figures(res, case, impl, timer.cuda)
-            except Exception as e:  # a peer that cannot run says why
+            except (Exception, ImplTimeout) as e:  # a peer that cannot run says why
                 res.status, res.reason = "error", _first_line(e)
+                res.ms = res.ms_min = None
+                res.reps = 0
             del fn  # its closure holds this impl's tensors (a CUDA graph's pool too): free before the next
             _free(timer.device)
         results.append(res)
@@ -223,8 +315,21 @@ def _free(device: torch.device) -> None:
         try:
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
-        except Exception:  # a sticky CUDA error: the rows that follow will say so, the report still gets written
+        except Exception:  # a sticky CUDA error: cuda_broken() tells, the report still gets written
             pass
+
+
+def cuda_broken(device: torch.device) -> str | None:
+    """The error text when the CUDA context can no longer run work (a sticky error such as an illegal
+    address poisons every later launch of the process); None when it is fine or the device is a CPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as e:
+        return _first_line(e)
+    return None
 
 
 def best_peer(results: list[dict]) -> dict | None:
@@ -263,21 +368,67 @@ def run_cases(
     label: str,
     our_paths: dict[str, str] | None = None,
     progress: bool = True,
+    on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Run every case (with a tqdm bar) and return the JSON rows."""
+    """Run every case (with a tqdm bar) and return the JSON rows, in the cases' order.
+
+    Two passes: first every impl that does not compile, then (time left) the ones that do, merged into
+    their rows. A lost CUDA context skips everything not yet run, with the reason.
+
+    Args:
+        on_row: called with all rows so far (the deferred compiled impls shown as skipped until they run)
+            after each row, so a caller can write partial results that survive a kill.
+    """
     from tqdm import tqdm
 
     timer = Timer(device, settings)
-    rows = []
-    bar = tqdm(cases, desc="bench", unit="row", disable=not progress, dynamic_ncols=True)
-    for case in bar:
-        bar.set_postfix_str(f"{case.op} {case.mode} {case.shape}"[:60])
-        path = (our_paths or {}).get(case.api or case.op, "")
-        try:
-            results = run_case(case, timer, path)
-        except Exception as e:  # never lose the other rows to one
-            results = [Result(i.name, i.ours, "error", f"harness: {_first_line(e)}") for i in case.impls]
-        rows.append(row_dict(case, results, label))
+    found: dict[int, list[Result]] = {}  # case index → results in impl order
+    rows: list[dict] = []
+    broken: str | None = None
+
+    def deferred(case: Case) -> list[Impl]:
+        return [i for i in case.impls if i.compiles and not i.skip]
+
+    def merged(ci: int, case: Case) -> list[Result]:
+        by = {r.impl: r for r in found.get(ci, [])}
+        pending = "compiled peers run last, after every other row" if broken is None else None
+        lost = f"not run: CUDA context lost ({broken})"
+        return [by.get(i.name) or Result(i.name, i.ours, "skipped", i.skip or pending or lost) for i in case.impls]
+
+    def emit(ci: int, case: Case) -> None:
+        row = row_dict(case, merged(ci, case), label)
+        if ci < len(rows):
+            rows[ci] = row
+        else:
+            rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+
+    passes = [("bench", lambda i: not i.compiles), ("bench (compiled peers)", lambda i: i.compiles)]
+    for desc, select in passes:
+        todo = [(ci, c) for ci, c in enumerate(cases) if desc == "bench" or deferred(c)]
+        bar = tqdm(todo, desc=desc, unit="row", disable=not progress or not todo, dynamic_ncols=True)
+        for ci, case in bar:
+            bar.set_postfix_str(f"{case.op} {case.mode} {case.shape}"[:60])
+            path = (our_paths or {}).get(case.api or case.op, "")
+            if broken is None:
+                try:
+                    found.setdefault(ci, []).extend(run_case(case, timer, path, select))
+                except Exception as e:  # never lose the other rows to one
+                    found.setdefault(ci, []).extend(
+                        Result(i.name, i.ours, "error", f"harness: {_first_line(e)}") for i in case.impls if select(i)
+                    )
+                broken = cuda_broken(device)
+            emit(ci, case)
+    reason = BUDGET_SPENT if broken is None else f"not run: CUDA context lost ({broken})"
+    for ci, case in enumerate(cases):  # impls that never ran (the time budget, a lost context) say why
+        have = {r.impl for r in found.get(ci, [])}
+        found.setdefault(ci, []).extend(
+            Result(i.name, i.ours, "skipped", i.skip or reason) for i in case.impls if i.name not in have
+        )
+        rows[ci] = row_dict(case, merged(ci, case), label)
+    if on_row is not None:
+        on_row(rows)
     return rows
 
 
@@ -292,6 +443,10 @@ def _git_commit() -> dict:
             return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
+    # a copy of the tree without .git (the device machine): the commit stamped by bench/fetch_wheels.sh
+    stamped = os.environ.get("L3K_COMMIT", "").split()
+    if stamped:
+        return {"commit": stamped[0], "dirty": stamped[1:] == ["dirty"] if len(stamped) > 1 else None}
     return {"commit": "unknown", "dirty": None}
 
 
@@ -351,10 +506,15 @@ def device_name(env: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- outputs
+def dumps(env: dict, rows: list[dict], settings: dict) -> str:
+    """The results document as JSON text (what `write_json` writes and `load_json` reads)."""
+    doc = {"schema": SCHEMA, "env": env, "settings": settings, "rows": rows}
+    return json.dumps(doc, indent=1, default=str) + "\n"
+
+
 def write_json(path: str | Path, env: dict, rows: list[dict], settings: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": SCHEMA, "env": env, "settings": settings, "rows": rows}
-    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    Path(path).write_text(dumps(env, rows, settings))
 
 
 def load_json(path: str | Path) -> dict:
@@ -408,6 +568,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
         f" · CUDA {env.get('cuda')} · driver {env.get('driver')} · {env.get('date')}"
     )
     lines.append("")
+    if env.get("complete") is False:
+        lines += [
+            "**Partial results**: written while the run was still going (it was stopped or is still running);",
+            "rows it had not reached are missing or say skipped.",
+            "",
+        ]
     if cpu:
         lines += [
             f"**{CPU_LABEL}s only.** No GPU was visible: every number below is the PyTorch reference path (and",

@@ -1,17 +1,30 @@
 """Call every compiled kernel once on a small, odd-shaped input: the workload for compute-sanitizer.
 
-  compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/sanitize_cases.py
+  python3 bench/sanitize_cases.py --list                       the case names and the families that group them
+  compute-sanitizer --tool memcheck python3 bench/sanitize_cases.py [CASE ...]    run cases in this process
+  python3 bench/sanitize_cases.py --sanitize memcheck,racecheck --timeout-s 150 --log-dir DIR
+        one compute-sanitizer process per family, all at once (a fault in one cannot hide the others'),
+        each with its own log, a summary line each; exits 1 if any failed or timed out
 
 Shapes are small (the sanitizer slows kernels 10-100×) and odd (M = 37, N = 760) so masked tails run.
 Each launcher the extension lacks is reported and its case skipped; a launcher that runs but falls back to
 the reference for these inputs would not be checked, so the cases use the dtypes and head dims the kernels
-take. Exits 1 if a case raises, 2 without a GPU.
+take. Under the sanitizer PyTorch's caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1),
+so that a write past a tensor's end leaves its own allocation and memcheck sees it. Exits 1 if a case
+raises, 2 without a GPU or with an unknown case name.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -75,15 +88,34 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
     }
 
 
-def main() -> int:
+# family → cases, one sanitizer process each
+FAMILIES = {
+    "norm": ("rms_norm", "rms_norm residual", "rms_norm_fp8", "quantize_fp8_rowwise"),
+    "swiglu": ("swiglu", "swiglu_fp8"),
+    "gemm": ("fp8_rowwise_mm",),
+    "attention": ("flash_attention d128", "flash_attention d64", "decode_attention d128"),
+}
+# racecheck (shared-memory hazards) is far slower than memcheck: only the kernels that share tiles through
+# shared memory, at these tiny sizes
+RACECHECK = {"attention": ("flash_attention d64", "decode_attention d128"), "norm": ("rms_norm",)}
+
+
+def run_cases(names: list[str]) -> int:
+    """Run the named cases (all when empty) in this process. Returns the exit status."""
     if not torch.cuda.is_available():
         print("sanitize_cases: no CUDA GPU")
         return 2
     from llama3_kernels.ops._common import has_kernel
 
     dev = torch.device("cuda")
+    cases = _cases(dev)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        print(f"sanitize_cases: unknown cases {unknown}; expected some of {list(cases)}")
+        return 2
     failed = 0
-    for name, (launchers, fn) in _cases(dev).items():
+    for name in names or list(cases):
+        launchers, fn = cases[name]
         missing = [n for n in launchers if not has_kernel(n)]
         if missing:
             print(f"sanitize_cases: {name}: SKIPPED (not built: {', '.join(missing)})")
@@ -97,6 +129,96 @@ def main() -> int:
             print(f"sanitize_cases: {name}: FAILED")
             traceback.print_exc()
     return 1 if failed else 0
+
+
+def sanitizer() -> str:
+    """The compute-sanitizer executable (PATH, then CUDA_HOME, then /usr/local/cuda)."""
+    for cand in (shutil.which("compute-sanitizer"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                 "bin", "compute-sanitizer"), "/usr/local/cuda/bin/compute-sanitizer"):  # fmt: skip
+        if cand and os.path.exists(cand):
+            return cand
+    raise FileNotFoundError("compute-sanitizer: not on PATH nor in $CUDA_HOME/bin or /usr/local/cuda/bin")
+
+
+def sanitize(tools: list[str], timeout_s: float, log_dir: Path) -> int:
+    """One sanitizer process per (tool, family), all started at once; a summary line each.
+
+    Returns:
+        0 when every process passed, 1 otherwise (a finding, a failed case, a timeout).
+    """
+    exe = sanitizer()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONUNBUFFERED="1")
+    jobs = []
+    for tool in tools:
+        for fam, names in (FAMILIES if tool == "memcheck" else RACECHECK).items():
+            cmd = [exe, "--tool", tool, "--error-exitcode", "1", "--print-limit", "30"]
+            if tool == "memcheck":
+                cmd += ["--leak-check", "no"]
+            cmd += [sys.executable, os.path.abspath(__file__), *names]
+            log = log_dir / f"sanitize_{tool}_{fam}.log"
+            handle = log.open("w")
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, process_group=0)
+            jobs.append((tool, fam, proc, handle, log))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an outer timeout: still end the children below
+    deadline, bad = time.monotonic() + timeout_s, 0
+    try:
+        for tool, fam, proc, handle, log in jobs:
+            try:
+                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the sanitizer and the python under it (own process group)
+                proc.wait()
+                rc = f"timed out after {timeout_s:.0f} s"
+            handle.close()
+            bad += _report(tool, fam, rc, log)
+    finally:
+        for *_, proc, _, _ in jobs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the sanitizer and the python under it (own process group)
+                proc.wait()
+    return 1 if bad else 0
+
+
+def _report(tool: str, fam: str, rc: int | str, log: Path) -> int:
+    """Print one summary line (and the findings) for one sanitizer process. Returns 1 if it failed."""
+    text = log.read_text(errors="replace").splitlines()
+    ran = sum(" ran (" in line for line in text)
+    skipped = sum(": SKIPPED" in line for line in text)
+    if rc == 0:
+        print(f"{tool:9s} {fam:10s} ok ({ran} cases ran, {skipped} skipped)")
+        return 0
+    hits = [
+        line
+        for line in text
+        if "=========" in line and " 0 errors" not in line and any(w in line for w in ("Invalid", "rror", "azard"))
+    ]
+    print(f"{tool:9s} {fam:10s} FAILED rc={rc} ({ran} cases ran, {skipped} skipped); log {log.name}:")
+    for line in hits[:6] or text[-12:]:
+        print(f"    {line}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("cases", nargs="*", help="case names (default: all)")
+    p.add_argument("--list", action="store_true", help="print the case names by family")
+    p.add_argument("--sanitize", metavar="TOOLS", help="memcheck,racecheck: run the families under compute-sanitizer")
+    p.add_argument("--timeout-s", type=float, default=150.0, help="with --sanitize: wall-clock cap for them all")
+    p.add_argument("--log-dir", default=".", help="with --sanitize: where each process's log goes")
+    args = p.parse_args(argv)
+    if args.list:
+        for fam, names in FAMILIES.items():
+            print(f"{fam}: {', '.join(names)}")
+        return 0
+    if args.sanitize:
+        tools = [t.strip() for t in args.sanitize.split(",") if t.strip()]
+        bad = [t for t in tools if t not in ("memcheck", "racecheck")]
+        if bad or not tools:
+            print(f"--sanitize: expected memcheck and/or racecheck, got {args.sanitize!r}")
+            return 2
+        return sanitize(tools, args.timeout_s, Path(args.log_dir))
+    return run_cases(args.cases)
 
 
 if __name__ == "__main__":

@@ -347,3 +347,127 @@ def test_gpu_quick_run_times_with_events(tmp_path):
         assert ours["status"] == "ok" and ours["ms"] > 0 and ours["tbps"] > 0, ours
         sdpa = next(x for x in r["results"] if x["impl"] == "SDPA flash")
         assert sdpa["status"] == "ok", sdpa
+
+
+def _settings(**kw):
+    return harness.Settings(warmup=1, min_reps=3, max_reps=3, budget_ms=1, **kw)
+
+
+def test_nan_output_becomes_error_row_not_a_number():
+    """An impl whose output holds NaN (or Inf, also inside a tuple or in fp8) is an error row, never timed."""
+    x = torch.ones(5, 3)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    impls = [
+        harness.Impl(harness.OURS, lambda _: lambda: (x, [bad]), ours=True),
+        harness.Impl("inf peer", lambda _: lambda: {"y": x / 0}),
+        harness.Impl("fine peer", lambda _: lambda: (x, torch.arange(3))),
+    ]
+    if fp8 is not None:
+        impls.append(harness.Impl("fp8 nan", lambda _: lambda: bad.to(fp8)))
+    case = harness.Case("t", "op", "fwd", "1", "bf16", lambda: None, impls, bytes=10)
+    by = {r.impl: r for r in harness.run_case(case, harness.Timer(torch.device("cpu"), _settings()))}
+    assert by[harness.OURS].status == "error" and "output[1][0] (5, 3)" in by[harness.OURS].reason
+    assert "NaN or Inf" in by["inf peer"].reason and by["inf peer"].ms is None and by["inf peer"].tbps is None
+    assert by["fine peer"].status == "ok" and by["fine peer"].ms > 0
+    if fp8 is not None:
+        assert by["fp8 nan"].status == "error"
+
+
+def test_compiled_impls_run_after_every_other_row():
+    """Impls marked `compiles` run in a second pass; rows keep their impl order and every call is accounted for."""
+    calls = []
+
+    def impl(name, compiles=False):
+        return harness.Impl(name, lambda _: lambda: calls.append(name), ours=name.startswith("ours"), compiles=compiles)
+
+    cases = [
+        harness.Case("t", f"op{i}", "fwd", "1", "bf16", lambda: None, [impl(f"ours{i}"), impl(f"comp{i}", True)])
+        for i in range(3)
+    ]
+    seen = []
+    rows = harness.run_cases(
+        cases, torch.device("cpu"), _settings(), "label", progress=False, on_row=lambda r: seen.append(len(r))
+    )
+    order = list(dict.fromkeys(calls))
+    assert order == ["ours0", "ours1", "ours2", "comp0", "comp1", "comp2"]
+    assert [[x["impl"] for x in r["results"]] for r in rows] == [[f"ours{i}", f"comp{i}"] for i in range(3)]
+    assert all(x["status"] == "ok" for r in rows for x in r["results"])
+    assert seen[:3] == [1, 2, 3] and seen[-1] == 3  # partial results after every row, the full set last
+    skipped = harness.run_cases(cases, torch.device("cpu"), _settings(run_compiled=False), "label", progress=False)
+    comp = [x for r in skipped for x in r["results"] if x["impl"].startswith("comp")]
+    assert all(x["status"] == "skipped" and "--no-compiled" in x["reason"] for x in comp)
+
+
+def test_impl_past_its_cap_is_abandoned_and_the_next_one_runs():
+    import time as _time
+
+    case = harness.Case("t", "op", "fwd", "1", "bf16", lambda: None, [
+        harness.Impl("slow compile", lambda _: _time.sleep(30) or (lambda: None), compiles=True),
+        harness.Impl(harness.OURS, lambda _: lambda: None, ours=True),
+    ])  # fmt: skip
+    t0 = _time.monotonic()
+    rows = harness.run_cases([case], torch.device("cpu"), _settings(impl_timeout_s=0.5), "label", progress=False)
+    by = {x["impl"]: x for x in rows[0]["results"]}
+    assert _time.monotonic() - t0 < 10
+    assert by["slow compile"]["status"] == "error" and "abandoned after" in by["slow compile"]["reason"]
+    assert by[harness.OURS]["status"] == "ok"
+
+
+def test_lost_cuda_context_skips_the_rest(monkeypatch):
+    """After a sticky CUDA error the run stops timing: every later impl says why instead of failing slowly."""
+
+    def broken(device):  # the first row's kernel faulted
+        return "CUDA error: an illegal memory access was encountered"
+
+    monkeypatch.setattr(harness, "cuda_broken", broken)
+    made = []
+    cases = [
+        harness.Case("t", f"op{i}", "fwd", "1", "bf16", lambda: made.append(1), [
+            harness.Impl(harness.OURS, lambda _: lambda: None, ours=True),
+            harness.Impl("compiled", lambda _: lambda: None, compiles=True),
+        ])
+        for i in range(3)
+    ]  # fmt: skip
+    rows = harness.run_cases(cases, torch.device("cpu"), _settings(), "label", progress=False)
+    assert len(made) == 1 and rows[0]["results"][0]["status"] == "ok"
+    later = [x for r in rows for x in r["results"]][1:]
+    assert all(x["status"] == "skipped" and "CUDA context lost" in x["reason"] for x in later)
+    monkeypatch.undo()  # the real check answers None on a CPU
+    assert harness.cuda_broken(torch.device("cpu")) is None
+
+
+def test_partial_results_file_is_valid_and_says_so(tmp_path):
+    """What the bench writes after each row is a results file `--compare` can read, marked incomplete."""
+    js, md = tmp_path / "p.json", tmp_path / "p.md"
+    args = cli.build_parser().parse_args(["--json", str(js), "--markdown", str(md)])
+    env = {"device": "cpu", "cpu": "x", "complete": False}
+    row = {"key": "k", "family": "f", "op": "o", "mode": "m", "shape": "s", "results": [], "formula": "",
+           "best_peer": None, "speedup_vs_best_peer": None}  # fmt: skip
+    cli._write(args, env, [row], {})
+    assert harness.load_json(js)["env"]["complete"] is False and not list(tmp_path.glob("*.tmp"))
+    assert "Partial results" in md.read_text()
+
+
+def test_commit_stamp_when_git_is_missing(monkeypatch):
+    """On the device machine the tree has no .git: the commit comes from L3K_COMMIT (.whl/COMMIT's stamp)."""
+
+    def no_git(*a, **k):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(harness.subprocess, "run", no_git)
+    monkeypatch.setenv("L3K_COMMIT", "0123456789abcdef dirty")
+    assert harness._git_commit() == {"commit": "0123456789abcdef", "dirty": True}
+    monkeypatch.setenv("L3K_COMMIT", "")
+    assert harness._git_commit() == {"commit": "unknown", "dirty": None}
+
+
+def test_sanitizer_families_cover_every_case_once():
+    from llama3_kernels.bench import sanitize_cases
+
+    names = list(sanitize_cases._cases(torch.device("cpu")))
+    grouped = [n for fam in sanitize_cases.FAMILIES.values() for n in fam]
+    assert sorted(grouped) == sorted(names)
+    assert {n for fam in sanitize_cases.RACECHECK.values() for n in fam} <= set(names)
+    assert sanitize_cases.main(["--sanitize", "helgrind"]) == 2
