@@ -75,8 +75,10 @@ struct FwdConfig {
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BlkM, HDim>{}));   // (M, D)
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<BlkN, HDim, Int<kStages>>{}));                          // (N, D, stage)
+  // V atoms are 64 (D) x 8 (N); ordering them N-first keeps each 64-wide D half of a stage contiguous, so TMA moves
+  // a stage in two 64 x 128 boxes instead of thirty-two 64 x 8 ones.
   using SmemLayoutV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                             Shape<HDim, BlkN, Int<kStages>>{}));                          // (D, N, stage)
+                                             Shape<HDim, BlkN, Int<kStages>>{}, Step<_2, _1, _3>{}));      // (D, N, stage)
 
   // Global views as (rows, D, head, batch) for Q/K and (D, rows, head, batch) for V, so V lands D-contiguous.
   using GmemLayoutQK = Layout<Shape<int, int, int, int>, Stride<int64_t, _1, int64_t, int64_t>>;
