@@ -680,6 +680,7 @@ static bool layout_selftest() {
 }
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // keep every finished line if a timeout kills a hung run
   bool check_only = false;
   int max_seqlen = 1 << 30;  // skip longer shapes (compute-sanitizer runs)
   for (int i = 1; i < argc; ++i) {
