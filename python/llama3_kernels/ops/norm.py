@@ -29,9 +29,30 @@ _EMPTY = (0,)
 _DW_PARTIAL_ROWS_PER_SM = 16  # rms_norm_bwd scratch: at most this many fp32 partial dW rows per SM
 
 
+def kernel_rows(t: Tensor | None) -> Tensor | None:
+    """A [M, N] input as the norm-family launchers read it: unit column stride, row stride >= N.
+
+    Row views (strided rows, the halves of a fused tensor) pass as they are; an expanded (row stride 0) or
+    otherwise overlapping view is copied, since the launchers reject a row stride below N.
+    """
+    if t is None:
+        return None
+    m, n = t.shape
+    ok = (n <= 1 or t.stride(1) == 1) and (m <= 1 or t.stride(0) >= n)
+    return t if ok else t.contiguous()
+
+
 def _ref_fwd(x, weight, residual, eps):
     y, h, rstd = reference.rms_norm(x, weight, eps, residual)
     return y, (x.new_empty(_EMPTY) if h is None else h), rstd
+
+
+def _check_kernel_shapes(x: Tensor, weight: Tensor, **like_x: Tensor | None) -> None:
+    """The launchers trust their sizes: a short weight or residual would be read out of bounds."""
+    check_shape("weight", weight, (x.shape[1],))
+    for name, t in like_x.items():
+        if t is not None:
+            check_shape(name, t, tuple(x.shape))
 
 
 # ------------------------------------------------------------------------------------ custom ops
@@ -44,9 +65,15 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float)
 @rms_norm_fwd.register_kernel("cuda")
 @on_input_device
 def _rms_norm_fwd_cuda(x, weight, residual, eps):
-    if not use_cuda_kernel("rms_norm_fwd", x, weight, residual) or x.dtype == torch.float32:
+    if (
+        not use_cuda_kernel("rms_norm_fwd", x, weight, residual)
+        or x.dtype == torch.float32
+        or (residual is not None and residual.dtype != x.dtype)
+    ):
         return _ref_fwd(x, weight, residual, eps)
     m, n = x.shape
+    _check_kernel_shapes(x, weight, residual=residual)
+    x, residual, weight = kernel_rows(x), kernel_rows(residual), weight.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(_EMPTY)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -73,17 +100,25 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
 @rms_norm_bwd.register_kernel("cuda")
 @on_input_device
 def _rms_norm_bwd_cuda(dy, h, weight, rstd, dh):
-    if not use_cuda_kernel("rms_norm_bwd", dy, h, weight, dh) or h.dtype == torch.float32:
+    if (
+        not use_cuda_kernel("rms_norm_bwd", dy, h, weight, dh)
+        or h.dtype == torch.float32
+        or dy.dtype != h.dtype
+        or (dh is not None and dh.dtype != h.dtype)
+    ):
         return reference.rms_norm_backward(dy, h, weight, rstd, dh)
     m, n = h.shape
-    dy, h = dy.contiguous(), h.contiguous()
+    _check_kernel_shapes(h, weight, dy=dy, dh=dh)
+    check_shape("rstd", rstd, (m,))
+    dy, h, weight, rstd = dy.contiguous(), h.contiguous(), weight.contiguous(), rstd.float().contiguous()
     dh = dh.contiguous() if dh is not None else None
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     dw = torch.empty((n,), dtype=weight.dtype, device=h.device)
     # fp32 dW partial rows, one per resident row group: bounded by the SM count, never by M. The kernel uses
-    # at most `rows` of them (fewer CTAs if that bound bites), and only those are read back.
+    # at most `rows` of them (fewer CTAs if that bound bites), and only those are read back. A grid of
+    # ceil(m / rpc) CTAs of rpc <= 4 row groups uses at most m + 3 rows: small batches get a small buffer.
     num_sms = sm_count(h.device.index)
-    rows = _DW_PARTIAL_ROWS_PER_SM * num_sms
+    rows = min(_DW_PARTIAL_ROWS_PER_SM * num_sms, m + 3)
     partial = torch.empty((rows, n), dtype=torch.float32, device=h.device)
     kernel("rms_norm_bwd")(
         ptr(dy), ptr(h), ptr(weight), DTYPE_CODES[weight.dtype], ptr(rstd), ptr(dh), ptr(dx), ptr(dw),
@@ -128,10 +163,16 @@ def rms_norm_fp8_fwd(
 @rms_norm_fp8_fwd.register_kernel("cuda")
 @on_input_device
 def _rms_norm_fp8_cuda(x, weight, residual, eps, amax_ub):
-    if not use_cuda_kernel("rms_norm_fp8_fwd", x, weight, residual) or x.dtype == torch.float32:
+    if (
+        not use_cuda_kernel("rms_norm_fp8_fwd", x, weight, residual)
+        or x.dtype == torch.float32
+        or (residual is not None and residual.dtype != x.dtype)
+    ):
         q, scale, h = reference.rms_norm_fp8(x, weight, eps, residual, amax_ub)
         return q, scale, (x.new_empty(_EMPTY) if h is None else h)
     m, n = x.shape
+    _check_kernel_shapes(x, weight, residual=residual)
+    x, residual, weight = kernel_rows(x), kernel_rows(residual), weight.contiguous()
     q = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(_EMPTY)

@@ -18,6 +18,7 @@ from llama3_kernels.ops._common import (
     stream,
     use_cuda_kernel,
 )
+from llama3_kernels.ops.norm import kernel_rows
 
 
 @torch.library.custom_op("llama3_kernels::quantize_fp8_rowwise_fwd", mutates_args=())
@@ -32,6 +33,7 @@ def _quantize_cuda(x, amax_ub):
     if not use_cuda_kernel("quantize_fp8_rowwise", x):
         return reference.quantize_fp8_rowwise(x, amax_ub)
     m, n = x.shape
+    x = kernel_rows(x)
     q = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     kernel("quantize_fp8_rowwise")(

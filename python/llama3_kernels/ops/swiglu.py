@@ -24,6 +24,7 @@ from llama3_kernels.ops._common import (
     stream,
     use_cuda_kernel,
 )
+from llama3_kernels.ops.norm import kernel_rows
 
 
 @torch.library.custom_op("llama3_kernels::swiglu_fwd", mutates_args=())
@@ -35,9 +36,11 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 @swiglu_fwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_fwd_cuda(gate, up):
-    if not use_cuda_kernel("swiglu_fwd", gate, up) or gate.dtype == torch.float32:
+    if not use_cuda_kernel("swiglu_fwd", gate, up) or gate.dtype == torch.float32 or up.dtype != gate.dtype:
         return reference.swiglu(gate, up).contiguous()
     m, f = gate.shape
+    check_shape("up", up, (m, f))
+    gate, up = kernel_rows(gate), kernel_rows(up)
     y = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
     kernel("swiglu_fwd")(
         ptr(gate), gate.stride(0), ptr(up), up.stride(0), ptr(y), m, f,
@@ -61,11 +64,17 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 @swiglu_bwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_bwd_cuda(dy, gate, up):
-    if not use_cuda_kernel("swiglu_bwd", dy, gate, up) or gate.dtype == torch.float32:
+    if (
+        not use_cuda_kernel("swiglu_bwd", dy, gate, up)
+        or gate.dtype == torch.float32
+        or not up.dtype == dy.dtype == gate.dtype
+    ):
         dg, du = reference.swiglu_backward(dy, gate, up)
         return dg.contiguous(), du.contiguous()
     m, f = gate.shape
-    dy = dy.contiguous()
+    check_shape("up", up, (m, f))
+    check_shape("dy", dy, (m, f))
+    dy, gate, up = dy.contiguous(), kernel_rows(gate), kernel_rows(up)
     dg = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
     du = torch.empty((m, f), dtype=up.dtype, device=gate.device)
     kernel("swiglu_bwd")(
@@ -101,9 +110,11 @@ def swiglu_fp8_fwd(gate: Tensor, up: Tensor, amax_ub: float) -> tuple[Tensor, Te
 @swiglu_fp8_fwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_fp8_cuda(gate, up, amax_ub):
-    if not use_cuda_kernel("swiglu_fp8_fwd", gate, up) or gate.dtype == torch.float32:
+    if not use_cuda_kernel("swiglu_fp8_fwd", gate, up) or gate.dtype == torch.float32 or up.dtype != gate.dtype:
         return reference.swiglu_fp8(gate, up, amax_ub)
     m, f = gate.shape
+    check_shape("up", up, (m, f))
+    gate, up = kernel_rows(gate), kernel_rows(up)
     q = torch.empty((m, f), dtype=torch.float8_e4m3fn, device=gate.device)
     scale = torch.empty((m,), dtype=torch.float32, device=gate.device)
     kernel("swiglu_fp8_fwd")(
