@@ -46,6 +46,7 @@ SWIGLU_SHAPES = [(1, 760), (37, 1128), (199, 14336), (37, 5001), (4, 28672)]
 
 def need_kernel(name: str) -> None:
     assert _common.has_kernel(name), f"llama3_kernels._C was built without {name}: the CUDA tests would test nothing"
+    assert _common.is_sm90(torch.cuda.current_device()), "kernels run on sm_90 only: ops elsewhere take the references"
 
 
 def randn(gen, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
@@ -135,7 +136,9 @@ def test_rms_norm_strided_rows(gen, pad, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("m,n", [(1, 760), (37, 1128), (199, 4096), (37, 5001), (199, 16384), (37, 65536)])
+@pytest.mark.parametrize(
+    "m,n", [(1, 760), (37, 1128), (199, 4096), (37, 5001), (199, 16384), (37, 65536), (4097, 5001)]
+)  # 4097 rows: more rows than row groups, so dW accumulates over several rows in registers and in the partials
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_dh", [False, True], ids=["plain", "dh"])
@@ -315,7 +318,7 @@ def _nan_like(t: torch.Tensor) -> torch.Tensor:
 
 
 @cuda
-@pytest.mark.parametrize("m,n", [(37, 1128), (37, 5001), (3, 65536)])
+@pytest.mark.parametrize("m,n", [(37, 1128), (37, 5001), (9, 65536)])
 def test_launchers_write_every_output(gen, m, n):
     """Outputs pre-filled with NaN: after each launcher no NaN is left (every element and every row written)."""
     for name in LAUNCHERS:
@@ -333,8 +336,10 @@ def test_launchers_write_every_output(gen, m, n):
     C.rms_norm_fwd(p(x), n, p(r), n, p(w), 0, p(y), p(h), p(rstd), m, n, 1e-5, code, sms, st)
     for name, t in (("y", y), ("h", h), ("rstd", rstd)):
         assert not t.isnan().any(), f"rms_norm_fwd left {name} unwritten"
-    partial = torch.full((2 * sms, n), float("nan"), device=CUDA)  # a small bound: fewer CTAs, still correct
-    C.rms_norm_bwd(p(dy), p(h), p(w), 0, p(rstd), 0, p(dx), p(dw), p(partial), 2 * sms, m, n, code, sms, st)
+    # 4 partial rows: at most 4 row groups, each accumulating dW over several rows, in registers and (N 5001,
+    # 65536: columns past the registers) in its partial row.
+    partial = torch.full((4, n), float("nan"), device=CUDA)
+    C.rms_norm_bwd(p(dy), p(h), p(w), 0, p(rstd), 0, p(dx), p(dw), p(partial), 4, m, n, code, sms, st)
     assert not dx.isnan().any() and not dw.isnan().any(), "rms_norm_bwd left dx or dw unwritten"
     ref_dx, ref_dw = reference.rms_norm_backward(*cpu(dy, h, w, rstd))
     assert_16bit_close(dx, ref_dx.float(), dt, atol=1e-5 * float(ref_dx.float().abs().max()), msg="dx")
@@ -359,6 +364,55 @@ def test_launchers_write_every_output(gen, m, n):
     C.swiglu_fp8_fwd(p(x), n, p(r), n, p(q), p(scale), m, n, 1200.0, code, sms, st)
     assert not q.float().isnan().any() and not scale.isnan().any(), "swiglu_fp8_fwd left q or scale unwritten"
     torch.cuda.synchronize()
+
+
+@cuda
+@pytest.mark.parametrize("f", [5001, 764])
+def test_swiglu_launchers_on_unaligned_fused_halves(gen, f):
+    """The up half of a fused [M, 2F] tensor starts 2F bytes in: for F % 8 != 0 it is not 16-byte aligned. The ops
+    send such pointers to the reference, so the launchers are called here directly (F 764: 4-wide vectors, 5001: 1)."""
+    for name in ("swiglu_fwd", "swiglu_bwd", "swiglu_fp8_fwd"):
+        need_kernel(name)
+    C, p, m, dt = _common._C, _common.ptr, 37, torch.bfloat16
+    code, sms, st = _common.DTYPE_CODES[dt], _common.sm_count(0), torch.cuda.current_stream().cuda_stream
+    gu, dy = randn(gen, m, 2 * f, dtype=dt, scale=2.0), randn(gen, m, f, dtype=dt)
+    gate, up = gu[:, :f], gu[:, f:]
+    y, dg, du = (_nan_like(dy) for _ in range(3))
+    q, scale = _nan_like(torch.empty(m, f, dtype=E4M3, device=CUDA)), torch.full((m,), float("nan"), device=CUDA)
+    C.swiglu_fwd(p(gate), 2 * f, p(up), 2 * f, p(y), m, f, code, sms, st)
+    C.swiglu_bwd(p(dy), p(gate), 2 * f, p(up), 2 * f, p(dg), p(du), m, f, code, sms, st)
+    C.swiglu_fp8_fwd(p(gate), 2 * f, p(up), 2 * f, p(q), p(scale), m, f, 1200.0, code, sms, st)
+    g32, u32, d32 = gate.cpu().float(), up.cpu().float(), dy.cpu().float()
+    s = torch.sigmoid(g32)
+    assert_16bit_close(y, g32 * s * u32, dt, msg="y")
+    dgate32 = d32 * u32 * s * (1.0 + g32 * (1.0 - s))
+    assert_16bit_close(dg, dgate32, dt, atol=1e-5 * float(dgate32.abs().max()), msg="dgate")
+    assert_16bit_close(du, d32 * g32 * s, dt, msg="dup")
+    q_ref, s_ref = reference.swiglu_fp8(*cpu(gate, up), amax_ub=1200.0)
+    assert_fp8_close(q, scale, q_ref, s_ref, exact=False, msg="swiglu_fp8")
+
+
+@cuda
+def test_ops_copy_what_launchers_cannot_read():
+    """An expanded x (row stride 0), a strided weight or rstd and a transposed dy are copied by the ops, never
+    misread or refused: results equal the same op on contiguous copies."""
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "quantize_fp8_rowwise"):
+        need_kernel(name)
+    m, n, dt = 37, 1128, torch.bfloat16
+    x = torch.randn(1, n, dtype=dt, device=CUDA).expand(m, n)
+    w = torch.randn(2 * n, device=CUDA)[::2]
+    assert x.stride(0) == 0 and w.stride(0) == 2
+    assert torch.equal(l3k.rms_norm(x, w), l3k.rms_norm(x.contiguous(), w.contiguous()))
+    assert torch.equal(l3k.swiglu(x, x), l3k.swiglu(x.contiguous(), x.contiguous()))
+    q, s = l3k.quantize_fp8_rowwise(x)
+    q_c, s_c = l3k.quantize_fp8_rowwise(x.contiguous())
+    assert torch.equal(q.view(torch.uint8), q_c.view(torch.uint8)) and torch.equal(s, s_c)
+    h = torch.randn(m, n, dtype=dt, device=CUDA)
+    dy = torch.randn(n, m, dtype=dt, device=CUDA).t()
+    rstd = torch.rand(2 * m, device=CUDA)[::2] + 0.5
+    dx, dw = rms_norm_bwd(dy, h, w, rstd, None)
+    dx_c, dw_c = rms_norm_bwd(dy.contiguous(), h, w.contiguous(), rstd.contiguous(), None)
+    assert torch.equal(dx, dx_c) and torch.equal(dw, dw_c)
 
 
 @cuda
