@@ -409,7 +409,8 @@ def test_ops_copy_what_launchers_cannot_read():
     assert torch.equal(q.view(torch.uint8), q_c.view(torch.uint8)) and torch.equal(s, s_c)
     h = torch.randn(m, n, dtype=dt, device=CUDA)
     dy = torch.randn(n, m, dtype=dt, device=CUDA).t()
-    rstd = torch.rand(2 * m, device=CUDA)[::2] + 0.5
+    rstd = (torch.rand(2 * m, device=CUDA) + 0.5)[::2]
+    assert rstd.stride(0) == 2 and dy.stride() == (1, m)
     dx, dw = rms_norm_bwd(dy, h, w, rstd, None)
     dx_c, dw_c = rms_norm_bwd(dy.contiguous(), h, w.contiguous(), rstd.contiguous(), None)
     assert torch.equal(dx, dx_c) and torch.equal(dw, dw_c)
