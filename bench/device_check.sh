@@ -138,7 +138,7 @@ phase build 240 bash -c '
   LLAMA3_KERNELS_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps .'
 grep -h "llama3_kernels: built _C" "$LOGS/build.log" 2>/dev/null | tail -n 1 | sed 's/^ */    /' | tee -a "$SUMMARY"
 $PY -c "import json, llama3_kernels as l; print(json.dumps(l.info(), indent=1))" >"$LOGS/info.log" 2>&1
-$PY - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+"$PY" - <<'EOF' >"$LOGS/kernels.log" 2>&1 || say "import llama3_kernels FAILED: $(tail -n 1 "$LOGS/kernels.log")"
 import llama3_kernels
 from llama3_kernels.info import OP_KERNELS
 from llama3_kernels.ops._common import has_kernel
@@ -147,6 +147,8 @@ names = sorted({n for ns in OP_KERNELS.values() for n in ns})
 built = [n for n in names if has_kernel(n)]
 print(f"kernels built: {len(built)}/{len(names)}" + (f"; missing: {', '.join(sorted(set(names) - set(built)))}" if len(built) < len(names) else ""))
 EOF
+grep "^kernels built" "$LOGS/kernels.log" | tee -a "$SUMMARY"
+grep -q "^kernels built" "$LOGS/kernels.log" || touch "$FAILED"
 
 # tests and the sanitizer only check correctness, so they share the GPU; the benches run alone afterwards
 TEST_ARGS=(-m cuda tests -v -rfEs -p no:cacheprovider --continue-on-collection-errors)
@@ -174,7 +176,7 @@ EOF
 )
 [[ -n $STEM ]] || STEM="$(date -u +%F)_unknown_nocommit"
 say "results stem: $STEM"
-# the bench stops starting impls after BENCH_S and caps each impl (a compile included) at 90 s, and at 30 s
+# the bench stops starting impls after BENCH_S and caps each impl (a compile included) at 90 s, and at 20 s
 # past its deadline; the phase's own cap is 50 s later still, so the JSON and markdown get written
 BENCH_S=$(($(left) - 60))
 read -r -a BENCH_EXTRA <<<"${L3K_BENCH_ARGS:-}"

@@ -158,7 +158,9 @@ def sanitize(tools: list[str], timeout_s: float, log_dir: Path) -> int:
             cmd += [sys.executable, os.path.abspath(__file__), *names]
             log = log_dir / f"sanitize_{tool}_{fam}.log"
             handle = log.open("w")
-            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, process_group=0)
+            # its own process group (not session), so a timeout can end the sanitizer and the python under it
+            group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, **group)
             jobs.append((tool, fam, proc, handle, log))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an outer timeout: still end the children below
     deadline, bad = time.monotonic() + timeout_s, 0
