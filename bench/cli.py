@@ -101,6 +101,14 @@ def _write(args: argparse.Namespace, env: dict, rows: list[dict], settings: dict
             tmp.replace(target)
 
 
+def _row_line(row: dict) -> str:
+    """One row as a log line: each impl's median or status."""
+    cells = [
+        f"{x['impl']} {x['ms']:.4g} ms" if x["status"] == "ok" else f"{x['impl']} {x['status']}" for x in row["results"]
+    ]
+    return f"{row['key']}: {'; '.join(cells)}"
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the selected families and return the results document (partial files written as rows finish)."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -132,9 +140,11 @@ def run(args: argparse.Namespace) -> dict:
         saved |= {"tier": ctx.tier, "budget_s": args.budget_s}
         env["tier"], env["families"], env["complete"] = ctx.tier, families, False
 
-        def partial(rows: list[dict]) -> None:
+        def partial(rows: list[dict], index: int | None) -> None:
             env["wall_s"] = round(time.monotonic() - start, 1)
             _write(args, env, rows, saved)
+            if args.no_progress and index is not None:  # a line per row: a log cut short shows where it was
+                print(f"bench: {env['wall_s']:7.1f} s  {_row_line(rows[index])}", flush=True)
 
         rows = harness.run_cases(
             cases,
@@ -143,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
             label,
             paths,
             progress=not args.no_progress,
-            on_row=partial if args.json or args.markdown else None,
+            on_row=partial,
         )
     finally:
         torch.set_num_threads(threads)

@@ -371,7 +371,7 @@ def run_cases(
     label: str,
     our_paths: dict[str, str] | None = None,
     progress: bool = True,
-    on_row: Callable[[list[dict]], None] | None = None,
+    on_row: Callable[[list[dict], int | None], None] | None = None,
 ) -> list[dict]:
     """Run every case (with a tqdm bar) and return the JSON rows, in the cases' order.
 
@@ -379,8 +379,9 @@ def run_cases(
     their rows. A lost CUDA context skips everything not yet run, with the reason.
 
     Args:
-        on_row: called with all rows so far (the deferred compiled impls shown as skipped until they run)
-            after each row, so a caller can write partial results that survive a kill.
+        on_row: called as on_row(rows so far, index of the row just timed) after each row (the deferred
+            compiled impls shown as skipped until they run), and once more at the end with index None, so
+            a caller can write partial results that survive a kill.
     """
     from tqdm import tqdm
 
@@ -405,7 +406,7 @@ def run_cases(
         else:
             rows.append(row)
         if on_row is not None:
-            on_row(rows)
+            on_row(rows, ci)
 
     passes = [("bench", lambda i: not i.compiles), ("bench (compiled peers)", lambda i: i.compiles)]
     for desc, select in passes:
@@ -431,7 +432,7 @@ def run_cases(
         )
         rows[ci] = row_dict(case, merged(ci, case), label)
     if on_row is not None:
-        on_row(rows)
+        on_row(rows, None)
     return rows
 
 

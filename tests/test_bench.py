@@ -388,13 +388,13 @@ def test_compiled_impls_run_after_every_other_row():
     ]
     seen = []
     rows = harness.run_cases(
-        cases, torch.device("cpu"), _settings(), "label", progress=False, on_row=lambda r: seen.append(len(r))
+        cases, torch.device("cpu"), _settings(), "label", progress=False, on_row=lambda r, i: seen.append((len(r), i))
     )
     order = list(dict.fromkeys(calls))
     assert order == ["ours0", "ours1", "ours2", "comp0", "comp1", "comp2"]
     assert [[x["impl"] for x in r["results"]] for r in rows] == [[f"ours{i}", f"comp{i}"] for i in range(3)]
     assert all(x["status"] == "ok" for r in rows for x in r["results"])
-    assert seen[:3] == [1, 2, 3] and seen[-1] == 3  # partial results after every row, the full set last
+    assert seen[:3] == [(1, 0), (2, 1), (3, 2)] and seen[-1] == (3, None)  # after every row, and at the end
     skipped = harness.run_cases(cases, torch.device("cpu"), _settings(run_compiled=False), "label", progress=False)
     comp = [x for r in skipped for x in r["results"] if x["impl"].startswith("comp")]
     assert all(x["status"] == "skipped" and "--no-compiled" in x["reason"] for x in comp)
