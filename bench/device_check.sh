@@ -5,7 +5,8 @@
 # THE NEXT SESSION'S CALL (15 min of device time in all, start-up included: make exactly one):
 #   1. Here, first:   bash bench/fetch_wheels.sh        (wheels into .whl/, and .whl/COMMIT = HEAD; commit first,
 #                                                       so the results name a commit that exists)
-#   2. The tool call: run(command="bash bench/device_check.sh \"$OUT\"", carry=[".whl"], timeout_s=560)
+#   2. The tool call, nothing else on the machine before it (no probing call: each start costs minutes):
+#        run(command='bash bench/device_check.sh "$OUT"', carry=[".whl"], timeout_s=560)
 #      (kind left out: an H100, or an H200 if none opens; the GPU's name goes into every file name and row)
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
 #        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
