@@ -369,8 +369,8 @@ def test_launchers_write_every_output(gen, m, n):
 @cuda
 @pytest.mark.parametrize("f", [5001, 764])
 def test_swiglu_launchers_on_unaligned_fused_halves(gen, f):
-    """The up half of a fused [M, 2F] tensor starts 2F bytes in: for F % 8 != 0 it is not 16-byte aligned. The ops
-    send such pointers to the reference, so the launchers are called here directly (F 764: 4-wide vectors, 5001: 1)."""
+    """The up half of a fused [M, 2F] tensor starts 2F bytes in: for F % 8 != 0 it is not 16-byte aligned, and the
+    launchers narrow their vectors (F 764: 4-wide, 5001: 1). Called directly, and through the public op below."""
     for name in ("swiglu_fwd", "swiglu_bwd", "swiglu_fp8_fwd"):
         need_kernel(name)
     C, p, m, dt = _common._C, _common.ptr, 37, torch.bfloat16
@@ -390,6 +390,7 @@ def test_swiglu_launchers_on_unaligned_fused_halves(gen, f):
     assert_16bit_close(du, d32 * g32 * s, dt, msg="dup")
     q_ref, s_ref = reference.swiglu_fp8(*cpu(gate, up), amax_ub=1200.0)
     assert_fp8_close(q, scale, q_ref, s_ref, exact=False, msg="swiglu_fp8")
+    torch.testing.assert_close(l3k.swiglu(gu), y, atol=0, rtol=0)  # the public op takes this path too
 
 
 @cuda

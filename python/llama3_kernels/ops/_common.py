@@ -86,13 +86,17 @@ def is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-def use_cuda_kernel(name: str, *tensors: torch.Tensor) -> bool:
-    """Whether the compiled launcher `name` should run for these (CUDA, 16-byte aligned, sm_90) tensors."""
+def use_cuda_kernel(name: str, *tensors: torch.Tensor, align: int = 16) -> bool:
+    """Whether the compiled launcher `name` should run for these CUDA tensors on an sm_90 device.
+
+    `align` is the byte alignment the launcher needs of every pointer: 16 for TMA/cp.async kernels (the
+    default); the row-wise norm-family kernels pick their vector width from the alignment, so they pass 1.
+    """
     first = next(t for t in tensors if t is not None)
     return (
         has_kernel(name)
         and is_sm90(first.device.index if first.device.index is not None else torch.cuda.current_device())
-        and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+        and all(t is None or t.data_ptr() % align == 0 for t in tensors)
     )
 
 

@@ -66,7 +66,7 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float)
 @on_input_device
 def _rms_norm_fwd_cuda(x, weight, residual, eps):
     if (
-        not use_cuda_kernel("rms_norm_fwd", x, weight, residual)
+        not use_cuda_kernel("rms_norm_fwd", x, weight, residual, align=1)
         or x.dtype == torch.float32
         or (residual is not None and residual.dtype != x.dtype)
     ):
@@ -101,7 +101,7 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
 @on_input_device
 def _rms_norm_bwd_cuda(dy, h, weight, rstd, dh):
     if (
-        not use_cuda_kernel("rms_norm_bwd", dy, h, weight, dh)
+        not use_cuda_kernel("rms_norm_bwd", dy, h, weight, dh, align=1)
         or h.dtype == torch.float32
         or dy.dtype != h.dtype
         or (dh is not None and dh.dtype != h.dtype)
@@ -164,7 +164,7 @@ def rms_norm_fp8_fwd(
 @on_input_device
 def _rms_norm_fp8_cuda(x, weight, residual, eps, amax_ub):
     if (
-        not use_cuda_kernel("rms_norm_fp8_fwd", x, weight, residual)
+        not use_cuda_kernel("rms_norm_fp8_fwd", x, weight, residual, align=1)
         or x.dtype == torch.float32
         or (residual is not None and residual.dtype != x.dtype)
     ):

@@ -30,7 +30,7 @@ def quantize_fp8_rowwise_fwd(x: Tensor, amax_ub: float) -> tuple[Tensor, Tensor]
 @quantize_fp8_rowwise_fwd.register_kernel("cuda")
 @on_input_device
 def _quantize_cuda(x, amax_ub):
-    if not use_cuda_kernel("quantize_fp8_rowwise", x):
+    if not use_cuda_kernel("quantize_fp8_rowwise", x, align=1):
         return reference.quantize_fp8_rowwise(x, amax_ub)
     m, n = x.shape
     x = kernel_rows(x)

@@ -36,7 +36,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 @swiglu_fwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_fwd_cuda(gate, up):
-    if not use_cuda_kernel("swiglu_fwd", gate, up) or gate.dtype == torch.float32 or up.dtype != gate.dtype:
+    if not use_cuda_kernel("swiglu_fwd", gate, up, align=1) or gate.dtype == torch.float32 or up.dtype != gate.dtype:
         return reference.swiglu(gate, up).contiguous()
     m, f = gate.shape
     check_shape("up", up, (m, f))
@@ -65,7 +65,7 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 @on_input_device
 def _swiglu_bwd_cuda(dy, gate, up):
     if (
-        not use_cuda_kernel("swiglu_bwd", dy, gate, up)
+        not use_cuda_kernel("swiglu_bwd", dy, gate, up, align=1)
         or gate.dtype == torch.float32
         or not up.dtype == dy.dtype == gate.dtype
     ):
@@ -110,7 +110,11 @@ def swiglu_fp8_fwd(gate: Tensor, up: Tensor, amax_ub: float) -> tuple[Tensor, Te
 @swiglu_fp8_fwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_fp8_cuda(gate, up, amax_ub):
-    if not use_cuda_kernel("swiglu_fp8_fwd", gate, up) or gate.dtype == torch.float32 or up.dtype != gate.dtype:
+    if (
+        not use_cuda_kernel("swiglu_fp8_fwd", gate, up, align=1)
+        or gate.dtype == torch.float32
+        or up.dtype != gate.dtype
+    ):
         return reference.swiglu_fp8(gate, up, amax_ub)
     m, f = gate.shape
     check_shape("up", up, (m, f))
