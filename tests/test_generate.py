@@ -1,10 +1,12 @@
 """The generator: sampling properties, KV-cache greedy decoding against a plain full-forward loop for a
 batch of prompts of different lengths, seeded determinism, stop tokens, streaming, FP8, and the CLI."""
 
+import contextlib
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama3_kernels.generate import Generator, sample
 from llama3_kernels.model import Transformer, get_config
@@ -167,6 +169,95 @@ def test_fp8_generation_runs_and_mostly_agrees(gen):
     for prompt, tokens in zip(prompts, got.tokens):  # the FP8 model's own greedy decoding, cache vs no cache
         assert tokens == greedy_reference(model, prompt, 6)
     assert got.tokens[0][0] == want[0][0] or got.tokens[1][0] == want[1][0]  # first tokens of random nets mostly agree
+
+
+# ------------------------------------------------------------------- the CUDA-graph path, emulated on CPU
+class _TapeGraph(TorchDispatchMode):
+    """Stands in for torch.cuda.CUDAGraph on CPU: capture records every op (custom ops as one op) with the
+    tensors it read and made; replay runs the tape again, writing each op's result into the tensors captured
+    then. As with a real graph, no Python runs at replay: values read on the host during capture, tensors
+    replaced after it and inputs not copied into the static buffers all show up as wrong tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.tape, self.replays = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tape.append((func, args, kwargs or {}, out))
+        return out
+
+    def replay(self):
+        self.replays += 1
+        for func, args, kwargs, out in self.tape:
+            fresh = func(*args, **kwargs)
+            pairs = zip(out, fresh) if isinstance(out, (tuple, list)) else [(out, fresh)]
+            for old, new in pairs:  # views and in-place results already alias what they should
+                if (
+                    isinstance(old, torch.Tensor)
+                    and old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
+                ):
+                    old.copy_(new)
+
+
+@pytest.fixture
+def tape_graphs(monkeypatch):
+    """torch.cuda's graph and stream API replaced by `_TapeGraph` and no-op streams; yields the graphs made."""
+    graphs = []
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    def new_graph():
+        graphs.append(_TapeGraph())
+        return graphs[-1]
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: g)  # the mode is its own context manager
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    return graphs
+
+
+def test_graph_decode_path_matches_eager(gen, tape_graphs):
+    model = random_model(gen)
+    prompts = prompts_for(gen, [5, 30, 11])
+    eager = Generator(model).generate(prompts, max_new_tokens=12, stop_ids=[])
+    graphed = Generator(model, cuda_graph=True)
+    graphed.use_cuda_graph = True  # the constructor allows it on CUDA only
+    got = graphed.generate(prompts, max_new_tokens=12, stop_ids=[])
+    assert got.cuda_graph and got.tokens == eager.tokens
+    assert len(tape_graphs) == 1 and tape_graphs[0].replays == 11  # captured once, replayed every step
+    # a smaller batch re-captures; a cache set up again at new addresses (same shape) must not reuse the
+    # graph that still points at the old one
+    assert graphed.generate(prompts[2:], max_new_tokens=6, stop_ids=[]).tokens == [eager.tokens[2][:6]]
+    assert len(tape_graphs) == 2
+    shape = model.cache_shape
+    Generator(model).release()
+    model.setup_cache(*shape[:2])
+    assert graphed.generate(prompts[:1], max_new_tokens=6, stop_ids=[]).tokens == [eager.tokens[0][:6]]
+    assert len(tape_graphs) == 3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_step_has_no_host_sync(gen, fp8):
+    """The captured decode step must not read device values on the host (.item(), .tolist(), int(), bool(),
+    nonzero, Python branches on values): on the meta device, which holds no data, any of those raises. The
+    CPU-only value check of ops.decode_attention is skipped there as it is on CUDA."""
+    model = random_model(gen).to(torch.bfloat16)
+    if fp8:
+        quantize_model_fp8(model, skip_first_last=False)
+    model = model.to("meta")
+    model.setup_cache(3, 64)
+    tokens = torch.zeros(3, 1, dtype=torch.long, device="meta")
+    with torch.inference_mode():
+        logits = model(tokens, tokens.clone(), cache_seqlens=torch.ones(3, dtype=torch.int32, device="meta"))
+    assert logits.shape == (3, 1, model.cfg.vocab_size) and logits.dtype == torch.bfloat16
 
 
 @pytest.mark.cuda

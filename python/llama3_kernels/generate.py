@@ -152,7 +152,7 @@ class Generator:
         seqlens = (positions + 1).to(torch.int32)  # [B]: the cache holds the new token after this step
         if not self.use_cuda_graph:
             return self.model(tokens[:, None], positions[:, None], cache_seqlens=seqlens)[:, 0]
-        key = (tokens.shape[0], self.model.cache_shape)
+        key = (tokens.shape[0], self._cache_ptrs())
         if self._graph is None or self._graph_key != key:
             self._static = (tokens[:, None].clone(), positions[:, None].clone(), seqlens.clone())
             try:
@@ -168,6 +168,13 @@ class Generator:
         st_len.copy_(seqlens)
         self._graph.replay()
         return self._graph_logits[:, 0]
+
+    def _cache_ptrs(self) -> tuple[int, ...]:
+        # The graph writes and reads the caches at the addresses they had at capture: a cache set up again
+        # (release() and a new request, or another Generator on the same model) needs a new graph even when
+        # its shape is the same.
+        caches = (t for layer in self.model.layers for t in (layer.attention.k_cache, layer.attention.v_cache))
+        return tuple(t.data_ptr() for t in caches)
 
     def _capture(self) -> None:
         # UNVERIFIED: written without a GPU at hand. Warm up on a side stream (as torch.cuda.graphs asks),
