@@ -179,6 +179,29 @@ def test_annealing_averages_checkpoints(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- bad input
+def test_fsdp_bf16_compute_keeps_fp32_rope_tables(tmp_path):
+    """FSDP2 mixed precision casts a module's floating-point inputs to the compute dtype unless told not to:
+    the blocks must receive the RoPE cos/sin tables in fp32 (bf16 tables would misplace every rotation)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llama3_kernels.training.train import Layout, build_model
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        layout = Layout(fsdp_mesh=init_device_mesh("cpu", (1,)))
+        model, _ = build_model(tiny(tmp_path), layout, compute_dtype=torch.bfloat16)
+        seen = []
+        model.layers[0].attention.register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[1])))
+        with torch.no_grad():
+            logits = model(torch.randint(0, 256, (2, 16)))
+        x, cos = seen[0]
+        assert x.dtype == logits.dtype == torch.bfloat16 and cos.dtype == torch.float32
+        assert torch.equal(cos, model.rope_cos[:16].expand(2, 16, -1))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="data: no such file"):
         train(tiny(tmp_path, data=str(tmp_path / "missing")))

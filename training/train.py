@@ -106,8 +106,12 @@ def _cp_module():
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig, layout: Layout):
-    """The model, initialised on the CPU from cfg.seed (the same weights for any world size), then sharded."""
+def build_model(cfg: TrainConfig, layout: Layout, compute_dtype: torch.dtype | None = None):
+    """The model, initialised on the CPU from cfg.seed (the same weights for any world size), then sharded.
+
+    compute_dtype is FSDP2's parameter dtype in forward and backward (default bf16 on GPU, fp32 on CPU); the
+    master weights, optimizer state and gradient reduction stay fp32.
+    """
     from llama3_kernels.model import Transformer, get_config
 
     model_cfg = get_config(cfg.model, **cfg.model_overrides)
@@ -117,14 +121,18 @@ def build_model(cfg: TrainConfig, layout: Layout):
         return model.to(layout.device), model_cfg
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if layout.device.type == "cuda"
-        else MixedPrecisionPolicy()
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if layout.device.type == "cuda" else torch.float32
+    cast = compute_dtype != torch.float32
+    root = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if cast else MixedPrecisionPolicy()
     )
-    for block in model.layers:
-        fully_shard(block, mesh=layout.fsdp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=layout.fsdp_mesh, mp_policy=mp)
+    # Blocks must not cast their inputs: FSDP2 would round the fp32 RoPE cos/sin tables they are passed to
+    # bf16 in every layer. Their other inputs (the residual stream) are already in the compute dtype.
+    block = dataclasses.replace(root, cast_forward_inputs=False)
+    for layer in model.layers:
+        fully_shard(layer, mesh=layout.fsdp_mesh, mp_policy=block)
+    fully_shard(model, mesh=layout.fsdp_mesh, mp_policy=root)
     model.reset_rope()  # the fp32 RoPE tables follow the parameters to the device
     return model, model_cfg
 
