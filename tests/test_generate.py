@@ -261,9 +261,12 @@ def test_decode_step_has_no_host_sync(gen, fp8):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_decode_matches_eager():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cuda_graph_decode_matches_eager(fp8):
     gen = torch.Generator().manual_seed(0)
     model = random_model(gen).cuda().to(torch.bfloat16)
+    if fp8:
+        quantize_model_fp8(model, skip_first_last=False)
     prompts = prompts_for(gen, [5, 30, 11])
     eager = Generator(model, cuda_graph=False).generate(prompts, max_new_tokens=16, stop_ids=[])
     graphed = Generator(model, cuda_graph=True)

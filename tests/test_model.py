@@ -367,3 +367,43 @@ def test_fp8_model_close_to_unquantized(dtype, gen):
     with pytest.raises(ValueError, match="meta"):
         with torch.device("meta"):
             quantize_model_fp8(Transformer(cfg))
+
+
+# ------------------------------------------------------------------------------------------- GPU
+def _bf16_errors(cfg, gen, device, cu_seqlens=None):
+    """Max errors against the fp32 model of (logits, layer-0 wq grad, last w2 grad): the bf16 model on `device`
+    and, as the yardstick of PyTorch's own bf16 error, the bf16 model on the CPU (fp32 references inside)."""
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 77, gen)
+    targets = tokens_like(cfg, 2, 77, gen)
+    positions = None
+    if cu_seqlens is not None:  # documents over the flattened batch, positions restart in each
+        starts = cu_seqlens[:-1].long()
+        seg = torch.bucketize(torch.arange(2 * 77), cu_seqlens[1:].long(), right=True)
+        positions = (torch.arange(2 * 77) - starts[seg]).view(2, 77)
+
+    def run(m, dev):
+        kw = {}
+        if cu_seqlens is not None:
+            kw = dict(positions=positions.to(dev), cu_seqlens=cu_seqlens.to(dev), max_seqlen=77)
+        logits = m(tokens.to(dev), **kw)
+        F.cross_entropy(logits.flatten(0, 1).float(), targets.to(dev).flatten()).backward()
+        grads = (m.layers[0].attention.wq.weight.grad, m.layers[-1].feed_forward.w2.weight.grad)
+        return [t.detach().cpu().double() for t in (logits, *grads)]
+
+    want = run(model, "cpu")
+    low = run(copy.deepcopy(model).to(torch.bfloat16), "cpu")
+    got = run(copy.deepcopy(model).to(device).to(torch.bfloat16), device)
+    err = lambda a: [(x - w).abs().max().item() for x, w in zip(a, want)]  # noqa: E731
+    return err(got), err(low)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cuda_bf16_model_within_twice_pytorch_bf16_error(gen, varlen):
+    """Forward and backward of the bf16 model on the GPU (kernels) against the fp32 model: no worse than twice
+    the error of the same bf16 model on the CPU."""
+    cu = torch.tensor([0, 30, 77, 100, 154], dtype=torch.int32) if varlen else None
+    got, low = _bf16_errors(get_config("debug", **SMALL), gen, "cuda", cu)
+    for name, g, bound in zip(("logits", "wq grad", "w2 grad"), got, low):
+        assert g <= 2 * bound + 1e-4, f"{name}: error {g:.3g} > twice PyTorch's bf16 error {bound:.3g}"

@@ -202,6 +202,21 @@ def test_fsdp_bf16_compute_keeps_fp32_rope_tables(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.cuda
+def test_one_gpu_fsdp_bf16_run_tracks_the_cpu_run(tmp_path):
+    """One GPU without torchrun: a 1-rank NCCL group, FSDP2 with bf16 compute and fp32 master weights, torn
+    down at the end. Same weights and data as the fp32 CPU run, so the losses agree to bf16 accuracy."""
+    import torch.distributed as dist
+
+    gpu = train(tiny(tmp_path / "gpu", device="cuda", eval_every=0, ckpt_every=0))
+    assert not dist.is_initialized()
+    cpu = train(tiny(tmp_path / "cpu", device="cpu", eval_every=0, ckpt_every=0))
+    got, want = train_losses(gpu), train_losses(cpu)
+    assert len(got) == len(want) == 4 and all(math.isfinite(x) for x in got)
+    assert max(abs(a - b) for a, b in zip(got, want)) < 0.1 and got[-1] < got[0] - 1, (got, want)
+    assert 0 < gpu[0].get("mfu", 0.5) < 1 and gpu[0]["memory_gib"] > 0  # mfu on cards with a known peak
+
+
 def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="data: no such file"):
         train(tiny(tmp_path, data=str(tmp_path / "missing")))
