@@ -181,7 +181,7 @@ def test_annealing_averages_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------------- bad input
 def test_fsdp_bf16_compute_keeps_fp32_rope_tables(tmp_path):
     """FSDP2 mixed precision casts a module's floating-point inputs to the compute dtype unless told not to:
-    the blocks must receive the RoPE cos/sin tables in fp32 (bf16 tables would misplace every rotation)."""
+    the blocks must receive the RoPE rotation at full precision (bf16 would misplace every rotation)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -195,9 +195,10 @@ def test_fsdp_bf16_compute_keeps_fp32_rope_tables(tmp_path):
         model.layers[0].attention.register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[1])))
         with torch.no_grad():
             logits = model(torch.randint(0, 256, (2, 16)))
-        x, cos = seen[0]
-        assert x.dtype == logits.dtype == torch.bfloat16 and cos.dtype == torch.float32
-        assert torch.equal(cos, model.rope_cos[:16].expand(2, 16, -1))
+        x, rot = seen[0]
+        assert x.dtype == logits.dtype == torch.bfloat16 and rot.dtype == torch.complex64
+        assert torch.equal(rot.real, model.rope_cos[:16].expand(2, 16, -1))
+        assert torch.equal(rot.imag, model.rope_sin[:16].expand(2, 16, -1))
     finally:
         dist.destroy_process_group()
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from llama3_kernels import ops
 from llama3_kernels.model.config import ModelConfig
-from llama3_kernels.model.rope import apply_rope, rope_frequencies, rope_tables
+from llama3_kernels.model.rope import rope_frequencies, rope_tables, rotate_pairs
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -49,9 +49,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        positions: Tensor,
+        rot: Tensor,
+        cache_index: tuple[Tensor, Tensor] | None,
         cu_seqlens: Tensor | None,
         max_seqlen: int | None,
         attn_fn: AttnFn | None,
@@ -61,11 +60,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, Hq, D]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.k_cache is not None:  # cache[b, positions[b, i]] = k[b, i]: static shapes, graph-capturable
-            rows = torch.arange(b, device=x.device).unsqueeze(1)  # [B, 1]
-            self.k_cache[rows, positions] = k
-            self.v_cache[rows, positions] = v
+        q, k = rotate_pairs(q, rot), rotate_pairs(k, rot)
+        if cache_index is not None:  # cache[b, positions[b, i]] = k[b, i]: static shapes, graph-capturable
+            self.k_cache[cache_index] = k
+            self.v_cache[cache_index] = v
         if cache_seqlens is not None:  # decode (or chunked prefill): attend over the cache, new tokens included
             out = ops.decode_attention(q, self.k_cache[:b], self.v_cache[:b], cache_seqlens)
         elif attn_fn is not None:
@@ -240,11 +238,14 @@ class Transformer(nn.Module):
         if cache_seqlens is not None and self.layers[0].attention.k_cache is None:
             raise ValueError("cache_seqlens: no KV cache; call setup_cache() first")
         self._check_rope()
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, S, D/2] fp32
+        rot = torch.complex(self.rope_cos[positions], self.rope_sin[positions])  # [B, S, D/2] complex64
+        cache_index = None  # (rows [B, 1], positions [B, S]): where each token's k/v go in the cache
+        if self.layers[0].attention.k_cache is not None:
+            cache_index = (torch.arange(b, device=tokens.device).unsqueeze(1), positions)
         h = self.tok_embeddings(tokens)  # [B, S, dim]
         delta = None
         for layer in self.layers:
-            delta, h = layer(delta, h, cos, sin, positions, cu_seqlens, max_seqlen, attn_fn, cache_seqlens)
+            delta, h = layer(delta, h, rot, cache_index, cu_seqlens, max_seqlen, attn_fn, cache_seqlens)
         if last_index is not None:
             rows = torch.arange(b, device=tokens.device)
             delta, h = delta[rows, last_index].unsqueeze(1), h[rows, last_index].unsqueeze(1)  # [B, 1, dim]

@@ -43,11 +43,15 @@ def rope_tables(freqs: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [..., S, H, D] by cos/sin [..., S, D/2] (fp32 math, x's dtype out).
+    """Rotate interleaved pairs of x [..., S, H, D] by cos/sin [..., S, D/2] (fp32 math, x's dtype out)."""
+    return rotate_pairs(x, torch.complex(cos.float(), sin.float()))
 
-    The pairs are complex numbers x[2i] + i·x[2i+1] multiplied by cos + i·sin: one fp32 multiply kernel
-    between the two dtype casts (forward and backward), where real arithmetic on the halves takes eight.
+
+def rotate_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the rotation given as complex64 rot = cos + i·sin [..., S, D/2] (built once per forward).
+
+    The pairs are complex numbers x[2i] + i·x[2i+1] multiplied by rot: one fp32 multiply kernel between the two
+    dtype casts (forward and backward), where real arithmetic on the halves takes eight.
     """
     xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [..., S, H, D/2] complex64
-    rot = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # [..., S, 1, D/2]
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # [..., S, H, D/2, 2] -> [..., S, H, D]
+    return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).to(x.dtype)  # [..., S, H, D/2, 2] -> [..., S, H, D]
