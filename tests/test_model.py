@@ -385,7 +385,8 @@ def _bf16_errors(cfg, gen, device, cu_seqlens=None):
     def run(m, dev):
         kw = {}
         if cu_seqlens is not None:
-            kw = dict(positions=positions.to(dev), cu_seqlens=cu_seqlens.to(dev), max_seqlen=77)
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            kw = dict(positions=positions.to(dev), cu_seqlens=cu_seqlens.to(dev), max_seqlen=longest)
         logits = m(tokens.to(dev), **kw)
         F.cross_entropy(logits.flatten(0, 1).float(), targets.to(dev).flatten()).backward()
         grads = (m.layers[0].attention.wq.weight.grad, m.layers[-1].feed_forward.w2.weight.grad)
