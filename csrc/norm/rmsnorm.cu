@@ -318,6 +318,23 @@ void launch_fwd(FwdParams p, DType dtype, int64_t M, int64_t N, int vec, int num
   });
 }
 
+// The fields both forward launchers share; each adds its outputs.
+FwdParams fwd_params(uptr x, int64_t x_row_stride, uptr residual, int64_t residual_row_stride, uptr weight, DType wdt,
+                     uptr h_out, int64_t M, int64_t N, double eps) {
+  FwdParams p{};
+  p.x = as_ptr<const void>(x);
+  p.x_stride = x_row_stride;
+  p.res = as_ptr<const void>(residual);
+  p.res_stride = residual_row_stride;
+  p.w = as_ptr<const void>(weight);
+  p.w_dtype = wdt;
+  p.h_out = as_ptr<void>(h_out);
+  p.M = M;
+  p.N = static_cast<int>(N);
+  p.eps = static_cast<float>(eps);
+  return p;
+}
+
 }  // namespace
 
 void rms_norm_fwd(uptr x, int64_t x_row_stride, uptr residual, int64_t residual_row_stride, uptr weight,
@@ -331,19 +348,9 @@ void rms_norm_fwd(uptr x, int64_t x_row_stride, uptr residual, int64_t residual_
   require_ptr(rstd, "rstd");
   const int vec = pick_vec({N, x_row_stride, residual_row_stride},
                            {{x, 2}, {residual, 2}, {weight, dtype_size(wdt)}, {y, 2}, {h_out, 2}});
-  FwdParams p{};
-  p.x = as_ptr<const void>(x);
-  p.x_stride = x_row_stride;
-  p.res = as_ptr<const void>(residual);
-  p.res_stride = residual_row_stride;
-  p.w = as_ptr<const void>(weight);
-  p.w_dtype = wdt;
+  FwdParams p = fwd_params(x, x_row_stride, residual, residual_row_stride, weight, wdt, h_out, M, N, eps);
   p.y = as_ptr<void>(y);
-  p.h_out = as_ptr<void>(h_out);
   p.rstd = as_ptr<float>(rstd);
-  p.M = M;
-  p.N = static_cast<int>(N);
-  p.eps = static_cast<float>(eps);
   launch_fwd<false>(p, dtype, M, N, vec, num_sms, as_stream(stream));
 }
 
@@ -359,19 +366,9 @@ void rms_norm_fp8_fwd(uptr x, int64_t x_row_stride, uptr residual, int64_t resid
   require_ptr(scale, "scale");
   const int vec = pick_vec({N, x_row_stride, residual_row_stride},
                            {{x, 2}, {residual, 2}, {weight, dtype_size(wdt)}, {q, 1}, {h_out, 2}});
-  FwdParams p{};
-  p.x = as_ptr<const void>(x);
-  p.x_stride = x_row_stride;
-  p.res = as_ptr<const void>(residual);
-  p.res_stride = residual_row_stride;
-  p.w = as_ptr<const void>(weight);
-  p.w_dtype = wdt;
-  p.h_out = as_ptr<void>(h_out);
+  FwdParams p = fwd_params(x, x_row_stride, residual, residual_row_stride, weight, wdt, h_out, M, N, eps);
   p.q = as_ptr<uint8_t>(q);
   p.scale = as_ptr<float>(scale);
-  p.M = M;
-  p.N = static_cast<int>(N);
-  p.eps = static_cast<float>(eps);
   p.amax_ub = static_cast<float>(amax_ub);
   launch_fwd<true>(p, dtype, M, N, vec, num_sms, as_stream(stream));
 }
