@@ -100,6 +100,17 @@ def use_cuda_kernel(name: str, *tensors: torch.Tensor, align: int = 16) -> bool:
     )
 
 
+def use_rowwise_kernel(name: str, activations: tuple, others: tuple = ()) -> bool:
+    """Norm-family launchers: `activations` (None allowed) must share one 16-bit dtype; `others` (weights,
+    statistics) only need to be on the device. Any element alignment works (the vector width adapts)."""
+    dtype = activations[0].dtype
+    return (
+        dtype in HALF_DTYPES
+        and all(t is None or t.dtype == dtype for t in activations)
+        and use_cuda_kernel(name, *activations, *others, align=1)
+    )
+
+
 def on_input_device(fn):
     """Run a CUDA implementation with its first tensor argument's device current: launchers use the current one."""
 

@@ -22,7 +22,7 @@ from llama3_kernels.ops._common import (
     rows_view,
     sm_count,
     stream,
-    use_cuda_kernel,
+    use_rowwise_kernel,
 )
 
 _EMPTY = (0,)
@@ -47,6 +47,11 @@ def _ref_fwd(x, weight, residual, eps):
     return y, (x.new_empty(_EMPTY) if h is None else h), rstd
 
 
+def _ref_fp8_fwd(x, weight, residual, eps, amax_ub):
+    q, scale, h = reference.rms_norm_fp8(x, weight, eps, residual, amax_ub)
+    return q, scale, (x.new_empty(_EMPTY) if h is None else h)
+
+
 def _check_kernel_shapes(x: Tensor, weight: Tensor, **like_x: Tensor | None) -> None:
     """The launchers trust their sizes: a short weight or residual would be read out of bounds."""
     check_shape("weight", weight, (x.shape[1],))
@@ -65,11 +70,7 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float)
 @rms_norm_fwd.register_kernel("cuda")
 @on_input_device
 def _rms_norm_fwd_cuda(x, weight, residual, eps):
-    if (
-        not use_cuda_kernel("rms_norm_fwd", x, weight, residual, align=1)
-        or x.dtype == torch.float32
-        or (residual is not None and residual.dtype != x.dtype)
-    ):
+    if not use_rowwise_kernel("rms_norm_fwd", (x, residual), (weight,)):
         return _ref_fwd(x, weight, residual, eps)
     m, n = x.shape
     _check_kernel_shapes(x, weight, residual=residual)
@@ -100,12 +101,7 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
 @rms_norm_bwd.register_kernel("cuda")
 @on_input_device
 def _rms_norm_bwd_cuda(dy, h, weight, rstd, dh):
-    if (
-        not use_cuda_kernel("rms_norm_bwd", dy, h, weight, dh, align=1)
-        or h.dtype == torch.float32
-        or dy.dtype != h.dtype
-        or (dh is not None and dh.dtype != h.dtype)
-    ):
+    if not use_rowwise_kernel("rms_norm_bwd", (h, dy, dh), (weight,)):
         return reference.rms_norm_backward(dy, h, weight, rstd, dh)
     m, n = h.shape
     _check_kernel_shapes(h, weight, dy=dy, dh=dh)
@@ -156,20 +152,14 @@ def rms_norm_fp8_fwd(
     x: Tensor, weight: Tensor, residual: Tensor | None, eps: float, amax_ub: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (q [M, N] e4m3, scale [M] fp32, h [M, N] or empty)."""
-    q, scale, h = reference.rms_norm_fp8(x, weight, eps, residual, amax_ub)
-    return q, scale, (x.new_empty(_EMPTY) if h is None else h)
+    return _ref_fp8_fwd(x, weight, residual, eps, amax_ub)
 
 
 @rms_norm_fp8_fwd.register_kernel("cuda")
 @on_input_device
 def _rms_norm_fp8_cuda(x, weight, residual, eps, amax_ub):
-    if (
-        not use_cuda_kernel("rms_norm_fp8_fwd", x, weight, residual, align=1)
-        or x.dtype == torch.float32
-        or (residual is not None and residual.dtype != x.dtype)
-    ):
-        q, scale, h = reference.rms_norm_fp8(x, weight, eps, residual, amax_ub)
-        return q, scale, (x.new_empty(_EMPTY) if h is None else h)
+    if not use_rowwise_kernel("rms_norm_fp8_fwd", (x, residual), (weight,)):
+        return _ref_fp8_fwd(x, weight, residual, eps, amax_ub)
     m, n = x.shape
     _check_kernel_shapes(x, weight, residual=residual)
     x, residual, weight = kernel_rows(x), kernel_rows(residual), weight.contiguous()

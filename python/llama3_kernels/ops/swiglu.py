@@ -22,22 +22,31 @@ from llama3_kernels.ops._common import (
     rows_view,
     sm_count,
     stream,
-    use_cuda_kernel,
+    use_rowwise_kernel,
 )
 from llama3_kernels.ops.norm import kernel_rows
+
+
+def _ref_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    return reference.swiglu(gate, up).contiguous()
+
+
+def _ref_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    dg, du = reference.swiglu_backward(dy, gate, up)
+    return dg.contiguous(), du.contiguous()
 
 
 @torch.library.custom_op("llama3_kernels::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     """gate, up: [M, F] (rows may be strided). Returns silu(gate) * up, [M, F] contiguous."""
-    return reference.swiglu(gate, up).contiguous()
+    return _ref_fwd(gate, up)
 
 
 @swiglu_fwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_fwd_cuda(gate, up):
-    if not use_cuda_kernel("swiglu_fwd", gate, up, align=1) or gate.dtype == torch.float32 or up.dtype != gate.dtype:
-        return reference.swiglu(gate, up).contiguous()
+    if not use_rowwise_kernel("swiglu_fwd", (gate, up)):
+        return _ref_fwd(gate, up)
     m, f = gate.shape
     check_shape("up", up, (m, f))
     gate, up = kernel_rows(gate), kernel_rows(up)
@@ -57,20 +66,14 @@ def _(gate, up):
 @torch.library.custom_op("llama3_kernels::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (dgate, dup), each [M, F] contiguous."""
-    dg, du = reference.swiglu_backward(dy, gate, up)
-    return dg.contiguous(), du.contiguous()
+    return _ref_bwd(dy, gate, up)
 
 
 @swiglu_bwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_bwd_cuda(dy, gate, up):
-    if (
-        not use_cuda_kernel("swiglu_bwd", dy, gate, up, align=1)
-        or gate.dtype == torch.float32
-        or not up.dtype == dy.dtype == gate.dtype
-    ):
-        dg, du = reference.swiglu_backward(dy, gate, up)
-        return dg.contiguous(), du.contiguous()
+    if not use_rowwise_kernel("swiglu_bwd", (gate, up, dy)):
+        return _ref_bwd(dy, gate, up)
     m, f = gate.shape
     check_shape("up", up, (m, f))
     check_shape("dy", dy, (m, f))
@@ -110,11 +113,7 @@ def swiglu_fp8_fwd(gate: Tensor, up: Tensor, amax_ub: float) -> tuple[Tensor, Te
 @swiglu_fp8_fwd.register_kernel("cuda")
 @on_input_device
 def _swiglu_fp8_cuda(gate, up, amax_ub):
-    if (
-        not use_cuda_kernel("swiglu_fp8_fwd", gate, up, align=1)
-        or gate.dtype == torch.float32
-        or up.dtype != gate.dtype
-    ):
+    if not use_rowwise_kernel("swiglu_fp8_fwd", (gate, up)):
         return reference.swiglu_fp8(gate, up, amax_ub)
     m, f = gate.shape
     check_shape("up", up, (m, f))
