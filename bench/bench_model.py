@@ -273,7 +273,7 @@ def cases(ctx: Context) -> list[Case]:
     out.append(Case(FAMILY, "train step", "fwd+bwd", f"{name} {b}x{s} tokens", "bf16",
                     _train_inputs(ctx, cfg, b, s, dtype) if cfg else (lambda: None), impls, flops=flops,
                     formula="FLOPs = tokens·(6·N + 6·n_layers·dim·S), N = matmul params; no optimizer",
-                    peak=PEAK_TFLOPS["bf16"], unit="tokens", items=float(b * s)))  # fmt: skip
+                    peak=PEAK_TFLOPS["bf16"], unit="tokens", items=float(b * s), host_bound=True))  # fmt: skip
     impls = [
         Impl(f"{OURS} (CUDA graph)", _ours_decode(True), ours=True, skip=skip or ctx.needs_cuda()),
         Impl(f"{OURS} eager", _ours_decode(False), ours=True, skip=skip),
@@ -286,5 +286,5 @@ def cases(ctx: Context) -> list[Case]:
                     bytes=(2.0 * n + 2.0 * cfg.n_layers * cached * kv * 2) if cfg else None,
                     flops=(2.0 * n + 4.0 * cfg.n_layers * cfg.dim * cached) if cfg else None,
                     formula="bytes = 2·N + 2·n_layers·L·kv_dim·2; FLOPs = 2·N + 4·n_layers·dim·L",
-                    peak=PEAK_TFLOPS["bf16"], unit="tokens", items=1.0))  # fmt: skip
+                    peak=PEAK_TFLOPS["bf16"], unit="tokens", items=1.0, host_bound=True))  # fmt: skip
     return out

@@ -35,6 +35,10 @@ OURS = "llama3_kernels"
 CPU_LABEL = "CPU reference timing"
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100 SXM dense tensor-core peaks (the MFU denominators)
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than any L2 (H100: 50 MB, H200: 60 MB)
+# Before each timed call of an op row the GPU spins this long, so the host enqueues the call while the GPU is
+# still busy: the events then time the device work, not the Python and launch overhead of the call (which
+# CUDA graphs remove in real use). End-to-end rows (Case.host_bound) time without it, overhead included.
+LEAD_US = 300.0
 SCHEMA = "llama3_kernels.bench/1"
 
 
@@ -85,6 +89,7 @@ class Case:
     unit: str = ""  # extra throughput unit for end-to-end rows ("tokens", with `items` per call)
     items: float | None = None
     api: str = ""  # the public op whose path (kernel or reference) this project's impl reports; default `op`
+    host_bound: bool = False  # end-to-end rows: time host overhead too (no GPU spin ahead of each call)
 
     @property
     def key(self) -> str:
@@ -130,7 +135,13 @@ class Timer:
         self.cuda = device.type == "cuda"
         self._cache = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if self.cuda and flush else None
 
-    def _flush(self) -> None:
+        # the spin counts SM clock cycles: LEAD_US at 2 GHz (Hopper boosts to 1.98 GHz; slower clocks spin longer)
+        self._lead_cycles = int(LEAD_US * 2000) if self.cuda else 0
+
+    def _flush(self, lead: bool = False) -> None:
+        if lead and self._lead_cycles:
+            with torch.cuda.device(self.device):
+                torch.cuda._sleep(self._lead_cycles)  # keeps the GPU busy while the host enqueues the call
         if self._cache is not None:
             self._cache.zero_()  # a 256 MB write evicts every input from L2; it is not inside the events
 
@@ -138,12 +149,12 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def _one(self, fn: Callable[[], Any]) -> float:
+    def _one(self, fn: Callable[[], Any], lead: bool = True) -> float:
         if not self.cuda:
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
-        self._flush()
+        self._flush(lead)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -151,13 +162,15 @@ class Timer:
         end.synchronize()
         return start.elapsed_time(end)
 
-    def measure(self, fn: Callable[[], Any]) -> tuple[float, float, int]:
-        """Returns (median ms, min ms, repeats) after warm-up (which also absorbs compilation)."""
+    def measure(self, fn: Callable[[], Any], lead: bool = True) -> tuple[float, float, int]:
+        """Returns (median ms, min ms, repeats) after warm-up (which also absorbs compilation).
+
+        lead: spin the GPU ahead of each call (LEAD_US) so that device time is timed, not host overhead."""
         s = self.settings
         for _ in range(max(1, s.warmup)):
             fn()
         self._sync()
-        estimate = min(self._one(fn) for _ in range(2))
+        estimate = min(self._one(fn, lead) for _ in range(2))
         reps = int(min(s.max_reps, max(s.min_reps, s.budget_ms / max(estimate, 1e-3))))
         if not self.cuda:
             times = [self._one(fn) for _ in range(reps)]
@@ -165,7 +178,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):  # queue everything, sync once: the host never stalls the GPU between repeats
-            self._flush()
+            self._flush(lead)
             starts[i].record()
             fn()
             ends[i].record()
@@ -299,7 +312,7 @@ def run_case(
                     fn = impl.make(inputs)
                     res.note = getattr(fn, "note", None) or res.note
                     check_finite(fn())  # one checked call first: NaN or Inf makes an error row, not a time
-                    res.ms, res.ms_min, res.reps = timer.measure(fn)
+                    res.ms, res.ms_min, res.reps = timer.measure(fn, lead=not case.host_bound)
                 _figures(res, case, impl, timer.cuda)
             except (Exception, ImplTimeout) as e:  # a peer that cannot run says why
                 res.status, res.reason = "error", _first_line(e)
@@ -585,8 +598,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
             "",
         ]
     lines += [
-        "Times are medians of repeated runs (CUDA events, L2 flushed before each; host clock on CPU). "
-        "*vs best peer* = best peer's time / this project's time (>1: faster).",
+        "Times are medians of repeated runs (CUDA events, L2 flushed before each; host clock on CPU). Op rows "
+        f"time device work: the GPU spins {LEAD_US:.0f} us before each call so that the host's launch overhead "
+        "stays outside the events; end-to-end rows (model) include it. *vs best peer* = best peer's time / this project's time (>1: faster).",
         "",
     ]
     families: dict[str, list[dict]] = {}
