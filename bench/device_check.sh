@@ -26,7 +26,8 @@
 # refreshed after every phase.
 # Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,tests,sanitize,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
-# (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3).
+# (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
+# a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
 # Dry run on a machine without a GPU: L3K_SKIP=build,sanitize L3K_BENCH_ARGS="--quick --ops norm" bash
 # bench/device_check.sh /tmp/dc   (the GPU tests skip, the bench runs the CPU tier; checks the plumbing).
 set -uo pipefail
@@ -130,13 +131,21 @@ snapshot
 # the compile succeeded but the editable install did not (an old setuptools, say), a plain install reuses
 # the same CMake build folder (only a relink) and copies the package into site-packages.
 export BUILD_LOG=$LOGS/build_editable.log
+# L3K_PREBUILT=1: the extension was built elsewhere for this Python and carried in (python/llama3_kernels/_C*.so,
+# named in `carry`): install the package without compiling, which saves the ~100 s build.
+if [[ ${L3K_PREBUILT:-0} == 1 ]] && compgen -G "python/llama3_kernels/_C.cpython-*.so" >/dev/null; then
+  export LLAMA3_KERNELS_CUDA=0
+  say "prebuilt extension: $(cd python/llama3_kernels && echo _C.cpython-*.so)"
+else
+  export LLAMA3_KERNELS_CUDA=1
+fi
 # shellcheck disable=SC2016  # expanded by the inner bash, from the exported PY and BUILD_LOG
 phase build 240 bash -c '
-  LLAMA3_KERNELS_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$BUILD_LOG"
+  $PY -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$BUILD_LOG"
   [[ ${PIPESTATUS[0]} == 0 ]] && exit 0
   grep -q "llama3_kernels: built _C" "$BUILD_LOG" || exit 1
   echo "=== the editable install failed after a good compile: plain install"
-  LLAMA3_KERNELS_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps .'
+  $PY -m pip install -v --no-build-isolation --no-deps .'
 grep -h "llama3_kernels: built _C" "$LOGS/build.log" 2>/dev/null | tail -n 1 | sed 's/^ */    /' | tee -a "$SUMMARY"
 $PY -c "import json, llama3_kernels as l; print(json.dumps(l.info(), indent=1))" >"$LOGS/info.log" 2>&1
 "$PY" - <<'EOF' >"$LOGS/kernels.log" 2>&1 || say "import llama3_kernels FAILED: $(tail -n 1 "$LOGS/kernels.log")"

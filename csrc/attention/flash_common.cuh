@@ -167,6 +167,58 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)
   }
 }
 
+// The two GEMMs above for MT stacked 16-row A tiles (rows a_row0 + 16·mt): every B fragment read from shared
+// memory feeds MT tensor-core ops instead of one, which is what bounds a 16-rows-a-warp kernel (ldmatrix
+// traffic per mma).
+template <typename T, int D, int NT, int MT>
+__device__ __forceinline__ void gemm_abt_rows(float (&acc)[MT][NT][4], const T* sA, int a_row0, const T* sB,
+                                              int lane) {
+  static_assert(NT % 2 == 0, "column tiles come in pairs");
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldsm_a<D>(a[mt], sA, a_row0 + 16 * mt, kk * 16, lane);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_b_nk<D>(b, sB, np * 16, kk * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Half<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+        Half<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <typename T, int D, int KT, int MT>
+__device__ __forceinline__ void gemm_pb_rows(float (&acc)[MT][D / 8][4], const float (&p)[MT][KT][4], const T* sB,
+                                             int lane) {
+  static_assert(KT % 2 == 0, "contraction tiles come in pairs");
+#pragma unroll
+  for (int kk = 0; kk < KT / 2; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = Half<T>::pack(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      a[mt][1] = Half<T>::pack(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      a[mt][2] = Half<T>::pack(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      a[mt][3] = Half<T>::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_b_kn<D>(b, sB, kk * 16, dp * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Half<T>::mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
+        Half<T>::mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Reductions over the 4 lanes (t = 0..3) that share a fragment row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

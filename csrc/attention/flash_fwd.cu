@@ -1,8 +1,10 @@
 // Flash attention forward (padded or varlen, GQA, bottom-right causal, log-sum-exp out) and split-KV decode
 // (flash-decoding) over a KV cache; both run the same tile kernel.
 //
-// Design (FlashAttention-2 on mma.sync; runs on sm_90a): a CTA of 4 warps owns 64 query rows of one head
-// (16 rows per warp) and streams 64-key K/V tiles through a double-buffered cp.async ring. Per tile each
+// Design (FlashAttention-2 on mma.sync; runs on sm_90a): a CTA of 4 warps owns 128 query rows of one head
+// (32 rows, two 16-row m-tiles, per warp: each K/V fragment loaded from shared memory feeds two tensor-core ops;
+// with 16 rows a warp the H200 ran 135-180 TFLOP/s, ldmatrix-bound) and streams 64-key K/V tiles through a
+// double-buffered cp.async ring. Per tile each
 // warp computes S = Q Kᵀ (fp32), applies the causal / tail mask, updates the online softmax in fp32 with
 // exp2, and accumulates O += P V with P taken straight from the S registers. Causal tiles past the
 // diagonal are never loaded. GQA maps query head h to KV head h / (Hq / Hkv); K/V are never repeated.
@@ -26,8 +28,12 @@ namespace l3k::attn {
 
 constexpr int kFwdWarps = 4;
 constexpr int kFwdThreads = 32 * kFwdWarps;
-constexpr int kFwdBlockM = 16 * kFwdWarps;  // query rows per CTA
-constexpr int kFwdBlockN = 64;              // keys per K/V tile
+constexpr int kFwdWarpTiles = 2;                           // 16-row m-tiles per warp (each K/V fragment feeds 2)
+constexpr int kFwdBlockM = 16 * kFwdWarpTiles * kFwdWarps;  // query rows per CTA
+// Keys per K/V tile. D = 128 takes 32: with 64, the 2 x (S 16x64 + O 16x128) fp32 accumulators a thread holds
+// exceed the 255 registers (ptxas: 244 B of spill loads); D = 64 fits 64-key tiles.
+template <int D>
+constexpr int kFwdBlockN = D == 128 ? 32 : 64;
 
 struct FwdParams {
   const void* q;
@@ -57,7 +63,7 @@ struct FwdParams {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams p) {
-  constexpr int BM = kFwdBlockM, BN = kFwdBlockN, NT = BN / 8, DT = D / 8;
+  constexpr int BM = kFwdBlockM, BN = kFwdBlockN<D>, NT = BN / 8, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [BM][D]
   T* sK = sQ + BM * D;                 // [2][BN][D]
@@ -126,13 +132,15 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
         static_cast<const T*>(p.v), tid);
   };
 
-  // Per warp: 16 rows; this lane holds rows g and g + 8 (h = 0, 1) of the warp's fragments.
+  // Per warp: MT m-tiles of 16 rows; in m-tile mt this lane holds rows g and g + 8 (h = 0, 1).
+  constexpr int MT = kFwdWarpTiles;
   const int g = lane >> 2, t = lane & 3;
-  const int warp_row0 = warp * 16;
+  const int warp_row0 = warp * 16 * MT;
   const bool warp_active = m0 + warp_row0 < rows;
-  float o[DT][4] = {};
-  float row_max[2] = {-kInf, -kInf};
-  float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; reduced over the quad at the end
+  float o[MT][DT][4] = {};
+  float row_max[MT][2], row_sum[MT][2];  // running max; this lane's partial sums (reduced over the quad at the end)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.f;
 
   if (n_begin < n_end) {
     load_tile<D, BM, kFwdThreads>(sQ, q_row, q, tid);
@@ -151,76 +159,83 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
     const T* sKs = sK + stage * BN * D;
     const T* sVs = sV + stage * BN * D;
 
-    float s[NT][4] = {};
-    gemm_abt<T, D, NT>(s, sQ, warp_row0, sKs, lane);
+    float s[MT][NT][4] = {};
+    gemm_abt_rows<T, D, NT, MT>(s, sQ, warp_row0, sKs, lane);
 
     const int n0 = nb * BN;
-    const bool need_mask =
-        n0 + BN > seqlen_k || (p.causal && n0 + BN - 1 > (m0 + warp_row0) / p.pack + diag);
-    if (need_mask) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+    for (int mt = 0; mt < MT; ++mt) {
+      const int tile_row0 = warp_row0 + 16 * mt;
+      const bool need_mask =
+          n0 + BN > seqlen_k || (p.causal && n0 + BN - 1 > (m0 + tile_row0) / p.pack + diag);
+      if (need_mask) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = n0 + j * 8 + 2 * t + (e & 1);
-          const int tok = row_token(warp_row0 + g + 8 * (e >> 1));
-          if (key >= seqlen_k || (p.causal && key > tok + diag)) s[j][e] = -kInf;
-        }
-    }
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = n0 + j * 8 + 2 * t + (e & 1);
+            const int tok = row_token(tile_row0 + g + 8 * (e >> 1));
+            if (key >= seqlen_k || (p.causal && key > tok + diag)) s[mt][j][e] = -kInf;
+          }
+      }
 
-    // Online softmax: rescale O and the running sum by exp2(scale * (m_old - m_new)).
+      // Online softmax: rescale O and the running sum by exp2(scale * (m_old - m_new)).
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = row_max[h];
+      for (int h = 0; h < 2; ++h) {
+        float mx = row_max[mt][h];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      mx = quad_max(mx);
-      const float mx_scaled = mx == -kInf ? 0.f : mx * p.scale_log2;  // fully masked so far: keep exp2 finite
-      const float alpha = exp2f(row_max[h] * p.scale_log2 - mx_scaled);
-      row_max[h] = mx;
-      row_sum[h] *= alpha;
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
+        mx = quad_max(mx);
+        const float mx_scaled = mx == -kInf ? 0.f : mx * p.scale_log2;  // fully masked so far: keep exp2 finite
+        const float alpha = exp2f(row_max[mt][h] * p.scale_log2 - mx_scaled);
+        row_max[mt][h] = mx;
+        row_sum[mt][h] *= alpha;
 #pragma unroll
-      for (int j = 0; j < DT; ++j) {
-        o[j][2 * h] *= alpha;
-        o[j][2 * h + 1] *= alpha;
-      }
+        for (int j = 0; j < DT; ++j) {
+          o[mt][j][2 * h] *= alpha;
+          o[mt][j][2 * h + 1] *= alpha;
+        }
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        s[j][2 * h] = exp2f(fmaf(s[j][2 * h], p.scale_log2, -mx_scaled));
-        s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], p.scale_log2, -mx_scaled));
-        row_sum[h] += s[j][2 * h] + s[j][2 * h + 1];
+        for (int j = 0; j < NT; ++j) {
+          s[mt][j][2 * h] = exp2f(fmaf(s[mt][j][2 * h], p.scale_log2, -mx_scaled));
+          s[mt][j][2 * h + 1] = exp2f(fmaf(s[mt][j][2 * h + 1], p.scale_log2, -mx_scaled));
+          row_sum[mt][h] += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
+        }
       }
     }
-    gemm_pb<T, D, NT>(o, s, sVs, lane);
+    gemm_pb_rows<T, D, NT, MT>(o, s, sVs, lane);
   }
 
   if (!warp_active) return;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float l = quad_sum(row_sum[h]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? row_max[h] * p.scale + logf(l) : -kInf;
-    const int r = warp_row0 + g + 8 * h;
-    if (m0 + r >= rows) continue;
-    const int64_t q_index = int64_t(q_tok0 + row_token(r)) * p.hq + row_head(r);  // token-major (token, head)
-    if (p.o_accum) {
-      float* dst = p.o_accum + (split * p.rows_total + q_index) * D;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < DT; ++j)
-        *reinterpret_cast<float2*>(dst + j * 8 + 2 * t) = make_float2(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-      if (t == 0) p.lse_accum[split * p.rows_total + q_index] = lse;
-    } else {
-      T* dst = static_cast<T*>(p.out) + q_index * D;  // q_row_stride == Hq * D
+    for (int h = 0; h < 2; ++h) {
+      const float l = quad_sum(row_sum[mt][h]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float lse = l > 0.f ? row_max[mt][h] * p.scale + logf(l) : -kInf;
+      const int r = warp_row0 + 16 * mt + g + 8 * h;
+      if (m0 + r >= rows) continue;
+      const int64_t q_index = int64_t(q_tok0 + row_token(r)) * p.hq + row_head(r);  // token-major (token, head)
+      if (p.o_accum) {
+        float* dst = p.o_accum + (split * p.rows_total + q_index) * D;
 #pragma unroll
-      for (int j = 0; j < DT; ++j) store2(dst + j * 8 + 2 * t, o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-      if (t == 0 && p.lse) {
-        const int tok = row_token(r), head = row_head(r);
-        const int64_t li = p.cu_q ? int64_t(head) * p.total_q + q_tok0 + tok
-                                  : (int64_t(b) * p.hq + head) * p.seqlen_q + tok;
-        p.lse[li] = lse;
+        for (int j = 0; j < DT; ++j)
+          *reinterpret_cast<float2*>(dst + j * 8 + 2 * t) =
+              make_float2(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+        if (t == 0) p.lse_accum[split * p.rows_total + q_index] = lse;
+      } else {
+        T* dst = static_cast<T*>(p.out) + q_index * D;  // q_row_stride == Hq * D
+#pragma unroll
+        for (int j = 0; j < DT; ++j) store2(dst + j * 8 + 2 * t, o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+        if (t == 0 && p.lse) {
+          const int tok = row_token(r), head = row_head(r);
+          const int64_t li = p.cu_q ? int64_t(head) * p.total_q + q_tok0 + tok
+                                    : (int64_t(b) * p.hq + head) * p.seqlen_q + tok;
+          p.lse[li] = lse;
+        }
       }
     }
-  }
 }
 
 // Merges split-KV partials: out = Σ_s exp(lse_s - lse) O_s with lse = log Σ_s exp(lse_s). One warp per row.
@@ -252,7 +267,7 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const float* o_accu
 
 template <typename T, int D>
 void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = (kFwdBlockM + 4 * kFwdBlockN) * D * int(sizeof(T));  // Q + 2 stages of K and V
+  constexpr int smem = (kFwdBlockM + 4 * kFwdBlockN<D>) * D * int(sizeof(T));  // Q + 2 stages of K and V
   auto kernel = flash_fwd_kernel<T, D>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "flash_fwd: cudaFuncSetAttribute");
@@ -369,7 +384,7 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
   p.group = Hq / Hkv;
   p.pack = p.group;  // all query heads of a KV group share each K/V tile
   p.num_m_blocks = cdiv(Sq * p.group, kFwdBlockM);
-  p.blocks_per_split = cdiv(cdiv(L, kFwdBlockN), num_splits);
+  p.blocks_per_split = cdiv(cdiv(L, D == 128 ? kFwdBlockN<128> : kFwdBlockN<64>), num_splits);
   p.decode = true;
   p.causal = true;
   p.scale = softmax_scale;
