@@ -91,11 +91,13 @@ phase() {
 }
 
 # ----------------------------------------------------------------------------------- environment
-COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=""
-if [[ -n $COMMIT ]]; then
-  [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && COMMIT="$COMMIT dirty"
-elif [[ -f .whl/COMMIT ]]; then # the tree travels without .git: fetch_wheels.sh stamped HEAD
+# fetch_wheels.sh stamps HEAD into .whl/COMMIT right before the call: trust it first (the box's copy of .git
+# was seen naming an older commit, "dirty", on the second call of a session)
+if [[ -f .whl/COMMIT ]]; then
   COMMIT=$(head -n 1 .whl/COMMIT)
+else
+  COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=""
+  [[ -n $COMMIT && -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && COMMIT="$COMMIT dirty"
 fi
 export L3K_COMMIT=${COMMIT:-unknown} # harness.environment() falls back on it
 {
