@@ -28,12 +28,18 @@ namespace l3k::attn {
 
 constexpr int kFwdWarps = 4;
 constexpr int kFwdThreads = 32 * kFwdWarps;
-constexpr int kFwdWarpTiles = 2;                           // 16-row m-tiles per warp (each K/V fragment feeds 2)
-constexpr int kFwdBlockM = 16 * kFwdWarpTiles * kFwdWarps;  // query rows per CTA
-// Keys per K/V tile. D = 128 takes 32: with 64, the 2 x (S 16x64 + O 16x128) fp32 accumulators a thread holds
-// exceed the 255 registers (ptxas: 244 B of spill loads); D = 64 fits 64-key tiles.
+// Tile shapes. Prefill: two 16-row m-tiles a warp (128-row CTAs), so each K/V fragment read from shared memory
+// feeds two mma (16 rows a warp ran 135-180 TFLOP/s on an H200, ldmatrix-bound; two: +15-19%); D = 128 then
+// takes 32-key tiles, as 64 would need more than 255 registers (ptxas: 244 B of spill loads). Decode (a few
+// rows, memory-bound) keeps one m-tile and 64-key tiles: twice the bytes in flight a CTA (the 128 x 32 tiles
+// ran B=16 L=8192 in 0.32 ms against 0.22).
+template <int MT_, int BN_>
+struct FwdTile {
+  static constexpr int MT = MT_, BN = BN_, BM = 16 * MT_ * kFwdWarps;
+};
 template <int D>
-constexpr int kFwdBlockN = D == 128 ? 32 : 64;
+using PrefillTile = FwdTile<2, D == 128 ? 32 : 64>;
+using DecodeTile = FwdTile<1, 64>;
 
 struct FwdParams {
   const void* q;
@@ -61,9 +67,9 @@ struct FwdParams {
   float scale, scale_log2;
 };
 
-template <typename T, int D>
+template <typename T, int D, class Tile>
 __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams p) {
-  constexpr int BM = kFwdBlockM, BN = kFwdBlockN<D>, NT = BN / 8, DT = D / 8;
+  constexpr int BM = Tile::BM, BN = Tile::BN, MT = Tile::MT, NT = BN / 8, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [BM][D]
   T* sK = sQ + BM * D;                 // [2][BN][D]
@@ -133,7 +139,6 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
   };
 
   // Per warp: MT m-tiles of 16 rows; in m-tile mt this lane holds rows g and g + 8 (h = 0, 1).
-  constexpr int MT = kFwdWarpTiles;
   const int g = lane >> 2, t = lane & 3;
   const int warp_row0 = warp * 16 * MT;
   const bool warp_active = m0 + warp_row0 < rows;
@@ -265,10 +270,10 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const float* o_accu
   for (int e = 0; e < kPerLane; e += 2) store2(dst + e, acc[e] * inv, acc[e + 1] * inv);
 }
 
-template <typename T, int D>
+template <typename T, int D, class Tile>
 void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = (kFwdBlockM + 4 * kFwdBlockN<D>) * D * int(sizeof(T));  // Q + 2 stages of K and V
-  auto kernel = flash_fwd_kernel<T, D>;
+  constexpr int smem = (Tile::BM + 4 * Tile::BN) * D * int(sizeof(T));  // Q + 2 stages of K and V
+  auto kernel = flash_fwd_kernel<T, D, Tile>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "flash_fwd: cudaFuncSetAttribute");
   kernel<<<grid, kFwdThreads, smem, stream>>>(p);
@@ -296,7 +301,10 @@ void dispatch(DType dtype, int d, Args&&... args) {
 }
 template <typename T, int D>
 struct RunFwd {
-  static void run(const FwdParams& p, dim3 grid, cudaStream_t s) { launch_fwd<T, D>(p, grid, s); }
+  static void run(const FwdParams& p, dim3 grid, cudaStream_t s) {
+    if (p.decode) return launch_fwd<T, D, DecodeTile>(p, grid, s);
+    launch_fwd<T, D, PrefillTile<D>>(p, grid, s);
+  }
 };
 template <typename T, int D>
 struct RunCombine {
@@ -347,7 +355,7 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
   p.causal = causal;
   p.scale = softmax_scale;
   p.scale_log2 = softmax_scale * kLog2e;
-  const dim3 grid(cdiv(max_seqlen, kFwdBlockM), hq, batch);
+  const dim3 grid(cdiv(max_seqlen, d == 128 ? PrefillTile<128>::BM : PrefillTile<64>::BM), hq, batch);
   dispatch<RunFwd>(to_dtype(dtype, "dtype"), d, p, grid, as_stream(stream));
 }
 
@@ -383,8 +391,8 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
   p.hq = Hq;
   p.group = Hq / Hkv;
   p.pack = p.group;  // all query heads of a KV group share each K/V tile
-  p.num_m_blocks = cdiv(Sq * p.group, kFwdBlockM);
-  p.blocks_per_split = cdiv(cdiv(L, D == 128 ? kFwdBlockN<128> : kFwdBlockN<64>), num_splits);
+  p.num_m_blocks = cdiv(Sq * p.group, DecodeTile::BM);
+  p.blocks_per_split = cdiv(cdiv(L, DecodeTile::BN), num_splits);
   p.decode = true;
   p.causal = true;
   p.scale = softmax_scale;

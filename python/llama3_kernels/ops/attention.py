@@ -155,10 +155,10 @@ def decode_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
 def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int) -> int:
     """Split-KV count: enough CTAs for about two waves, at least 64 keys per split.
 
-    The kernel's CTA covers 128 query rows (the Sq new tokens times the query heads of one KV group) and
-    streams 32- or 64-key tiles; one split per CTA once the batch alone fills the GPU.
+    The decode kernel's CTA covers 64 query rows (the Sq new tokens times the query heads of one KV group) and
+    streams 64-key tiles; one split per CTA once the batch alone fills the GPU.
     """
-    ctas = batch * hkv * -(-rows // 128)
+    ctas = batch * hkv * -(-rows // 64)
     tiles = -(-cache_len // 64)
     return max(1, min(tiles, -(-2 * num_sms // max(ctas, 1)), 128))
 
