@@ -451,6 +451,11 @@ def run_cases(
 
 # ------------------------------------------------------------------------------------ environment
 def _git_commit() -> dict:
+    # the device check exports the commit that bench/fetch_wheels.sh stamped right before the call: the device
+    # machine's copy of .git was seen naming an older commit ("dirty") on a session's later calls
+    stamped = os.environ.get("L3K_COMMIT", "").split()
+    if stamped and stamped[0] != "unknown":
+        return {"commit": stamped[0], "dirty": stamped[1:] == ["dirty"] if len(stamped) > 1 else False}
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -460,10 +465,6 @@ def _git_commit() -> dict:
             return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
-    # a copy of the tree without .git (the device machine): the commit stamped by bench/fetch_wheels.sh
-    stamped = os.environ.get("L3K_COMMIT", "").split()
-    if stamped:
-        return {"commit": stamped[0], "dirty": stamped[1:] == ["dirty"] if len(stamped) > 1 else None}
     return {"commit": "unknown", "dirty": None}
 
 

@@ -463,6 +463,14 @@ def test_commit_stamp_when_git_is_missing(monkeypatch):
     assert harness._git_commit() == {"commit": "unknown", "dirty": None}
 
 
+def test_commit_stamp_wins_over_git(monkeypatch):
+    """The stamp names the tree that was sent; the device box's copy of .git was seen naming an older commit."""
+    monkeypatch.setenv("L3K_COMMIT", "fedcba9876543210")
+    assert harness._git_commit() == {"commit": "fedcba9876543210", "dirty": False}
+    monkeypatch.setenv("L3K_COMMIT", "0123abcd dirty")
+    assert harness._git_commit() == {"commit": "0123abcd", "dirty": True}
+
+
 def test_sanitizer_families_cover_every_case_once():
     from llama3_kernels.bench import sanitize_cases
 
