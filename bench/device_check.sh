@@ -8,6 +8,12 @@
 #   2. The tool call, nothing else on the machine before it (no probing call: each start costs minutes):
 #        run(command='bash bench/device_check.sh "$OUT"', carry=[".whl"], timeout_s=560)
 #      (kind left out: an H100, or an H200 if none opens; the GPU's name goes into every file name and row)
+#      Faster (what the 2026-11-27 session did): build here first with `bash bench/build_cp312.sh` and
+#      `make -C dev/attention`, then
+#        run(command='L3K_PREBUILT=1 bash bench/device_check.sh "$OUT"', timeout_s=560, carry=[".whl",
+#            "python/llama3_kernels/_C.cpython-312-x86_64-linux-gnu.so", "dev/attention/v1_wgmma_fwd"])
+#      A start took ~40 s there; the whole run with the build skipped ~230 s, leaving room for a second call
+#      after a fix (give_back in between: a warm machine's idle time counts).
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
 #        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
 #        git add bench/results/<stem>.* && git commit -m "bench: <gpu> results of <commit>" -- bench/results/<stem>.*
@@ -17,14 +23,14 @@
 #      failures from them. Then give_back (unless rerunning at once with L3K_SKIP / L3K_BENCH_ARGS below).
 #
 # Time: phases are capped so the script ends inside L3K_CHECK_BUDGET_S (default 480 s; the 560 s timeout
-# leaves 80 s of slack). Build ≤ 240 s (about a minute with 16 jobs), tests ∥ sanitizer ≤ 150 s, the bench
-# gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
+# leaves 80 s of slack). Build ≤ 240 s (about 100 s with 16 jobs; none with L3K_PREBUILT=1), tests ∥ sanitizer
+# ≤ 150 s (about 45 s), ncu profile ≤ 60 s, the dev/attention ladder ≤ 75 s, the bench gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
 # FlexAttention) in a second pass, each impl capped at 90 s; the bench rewrites its JSON and markdown after
 # every row, so a cut leaves every finished row. A failing phase never stops the next one.
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
-# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,tests,sanitize,bench);
+# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,tests,sanitize,profile,dev,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
 # (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
 # a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
@@ -175,6 +181,23 @@ wait
   [[ -f $LOGS/tests.log ]] && grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$LOGS/tests.log" | head -n 40 |
     cut -c1-300 | sed 's/^/    /'
 } | tee -a "$SUMMARY"
+snapshot
+
+# Leads for the next change, before the bench takes the rest of the time (L3K_SKIP=profile,dev to drop them):
+# Nsight Compute on the kernels that trail their peers (bench/profile_cases.py), and the standalone Hopper
+# attention ladder (dev/attention: wgmma + TMA forward, not in the extension; its own check and timing).
+NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
+  --section LaunchStats)
+phase profile 60 ncu --clock-control none --target-processes all --launch-count 3 \
+  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel' "${NCU_SECTIONS[@]}" "$PY" bench/profile_cases.py
+# shellcheck disable=SC2016  # expanded by the inner bash
+phase dev 75 bash -c '
+  [[ -x dev/attention/v1_wgmma_fwd ]] || make -C dev/attention CUTLASS=/tmp/site/cutlass_library/source || exit 1
+  ./dev/attention/v1_wgmma_fwd --layout-check || exit 1
+  timeout 25 ./dev/attention/v1_wgmma_fwd --check-only --max-seqlen 1000 || exit 1
+  timeout 30 ./dev/attention/v1_wgmma_fwd'
+[[ -f $LOGS/dev.log ]] && grep -iE "tflop|pass|fail|max err" "$LOGS/dev.log" | head -n 20 | cut -c1-200 |
+  sed 's/^/    /' | tee -a "$SUMMARY"
 snapshot
 
 STEM=$($PY - <<'EOF'

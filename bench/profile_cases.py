@@ -1,0 +1,34 @@
+"""Kernels for Nsight Compute to profile in the device check: one launch of each, on bench-sized inputs.
+
+    ncu --clock-control none --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel' --launch-count 3 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        python3 bench/profile_cases.py
+
+The open questions these answer (bench/results/README.md): why the RMSNorm forward reaches 3.0 TB/s where
+Liger reaches 3.9 on the same H200, why its backward trails F.rms_norm, and what bounds the mma.sync
+attention forward at ~200 TFLOP/s (ldmatrix, tensor-core issue, or softmax).
+"""
+
+import torch
+
+import llama3_kernels as l3k
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_cases.py: needs a GPU")
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(16384, 4096, device=dev, dtype=bf16, requires_grad=True)
+    w = torch.randn(4096, device=dev, dtype=bf16, requires_grad=True)
+    y = l3k.rms_norm(x, w, 1e-5)  # rms_norm_fwd_kernel
+    y.backward(torch.randn_like(y))  # rms_norm_bwd_kernel
+    q = torch.randn(1, 4096, 32, 128, device=dev, dtype=bf16)
+    k = torch.randn(1, 4096, 8, 128, device=dev, dtype=bf16)
+    l3k.flash_attention(q, k, torch.randn_like(k), causal=True)  # flash_fwd_kernel
+    torch.cuda.synchronize()
+    print("profile_cases: ran rms_norm fwd/bwd 16384x4096 and causal attention B=1 S=4096 H=32/8 D=128")
+
+
+if __name__ == "__main__":
+    main()
