@@ -196,6 +196,7 @@ def _train_step(model_key: str, compile_it: bool):
 def _decode_inputs(ctx, cfg, cached, length, dtype):
     def make():
         ours, plain = _models(ctx, cfg, dtype)
+        ours.fuse_projections()  # what the Generator does (plain keeps its three q/k/v and two w1/w3 GEMMs)
         ours.setup_cache(1, length)
         plain.setup_cache(length)
         for mine, theirs in zip(ours.layers, plain.layers):  # the same random history in both caches

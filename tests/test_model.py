@@ -203,6 +203,73 @@ def test_decode_with_cache_equals_full_forward(gen):
     assert model.cache_shape is None
 
 
+def _kernel_ops(model, *args, **kwargs) -> int:
+    """Ops of one forward that launch a kernel on a GPU (views, reshapes and allocations excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"view", "_unsafe_view", "unsqueeze", "expand", "t", "transpose", "unflatten", "view_as_complex",
+            "view_as_real", "detach", "alias", "slice", "select", "squeeze", "as_strided", "reshape", "flatten",
+            "empty", "new_empty", "empty_strided", "item", "min", "max", "lift_fresh", "detach_"}  # fmt: skip
+    # (item/min/max: the CPU path's range check of cache_seqlens, which the CUDA path skips)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.overloadpacket.__name__ not in free
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(*args, **kwargs)
+    return Count.n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_match_and_launch_fewer_ops(dtype, gen):
+    cfg = get_config("debug", n_layers=3, **SMALL)
+    model = random_model(cfg, gen).to(dtype)
+    fused = copy.deepcopy(model).fuse_projections()
+    assert fused.fuse_projections() is fused  # idempotent
+    keys = set(fused.state_dict())
+    assert "layers.0.attention.wqkv.weight" in keys and "layers.2.feed_forward.w13.weight" in keys
+    assert not any(k.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")) for k in keys)
+    w = fused.layers[1].attention.wqkv.weight
+    a = model.layers[1].attention
+    assert torch.equal(w, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+    tokens = tokens_like(cfg, 2, 19, gen)
+    with torch.no_grad():
+        want, got = model(tokens).float(), fused(tokens).float()
+    # the same products summed in the same order per output column: equal up to the GEMM's blocking
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol * float(want.abs().max()), rtol=0)
+
+    # a batch-1 decode step (what a CUDA graph replays): 6 fewer kernel launches per layer
+    for m in (model, fused):
+        m.setup_cache(1, 32)
+    step = dict(cache_seqlens=torch.tensor([1], dtype=torch.int32))
+    with torch.inference_mode():
+        n_plain = _kernel_ops(model, tokens[:1, :1], **step)
+        n_fused = _kernel_ops(fused, tokens[:1, :1], **step)
+        torch.testing.assert_close(fused(tokens[:1, :1], **step).float(), model(tokens[:1, :1], **step).float(),
+                                   atol=tol * float(want.abs().max()), rtol=0)  # fmt: skip
+    assert n_plain - n_fused == 6 * cfg.n_layers, (n_plain, n_fused)
+
+
+def test_fp8_quantization_of_a_fused_model(gen):
+    cfg = get_config("debug", n_layers=4, **SMALL)
+    model = random_model(cfg, gen).to(torch.bfloat16)
+    fused = copy.deepcopy(model).fuse_projections()
+    quantize_model_fp8(model)
+    quantize_model_fp8(fused)
+    for i in model.fp8_layers:
+        a, b = model.layers[i].feed_forward, fused.layers[i].feed_forward
+        assert torch.equal(a.w13.view(torch.uint8), b.w13.view(torch.uint8)) and torch.equal(a.w13_scale, b.w13_scale)
+    tokens = tokens_like(cfg, 1, 9, gen)
+    with torch.no_grad():
+        want = model(tokens).float()
+        torch.testing.assert_close(fused(tokens).float(), want, atol=2e-2 * float(want.abs().max()), rtol=0)
+
+
 def test_cache_errors():
     model = Transformer(get_config("debug", **SMALL))
     with pytest.raises(ValueError, match="cache_seqlens"):

@@ -115,10 +115,14 @@ class Generator:
         cuda_graph: capture the decode step (default: on CUDA devices when the compiled decode kernel will run,
             i.e. it was built and the model is bf16/fp16 with head dim 64 or 128; the reference decode syncs
             with the host and cannot be captured).
+        fuse: call `model.fuse_projections()` (in place): one [wq; wk; wv] and one [w1; w3] GEMM per layer,
+            6 fewer kernels per layer in each decode step. The model is then for inference only.
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, cuda_graph: bool | None = None):
+    def __init__(self, model: Transformer, tokenizer=None, cuda_graph: bool | None = None, fuse: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        if fuse:
+            model.fuse_projections()
         self.device = model.tok_embeddings.weight.device
         if cuda_graph is None:
             from llama3_kernels.ops._common import HALF_DTYPES, has_kernel

@@ -39,9 +39,10 @@ class FeedForwardFP8(nn.Module):
 
     def __init__(self, ff: FeedForward, amax_ub: float = ACT_AMAX_UB, weight_amax_ub: float = math.inf):
         super().__init__()
-        self.amax_ub, self.out_dtype = amax_ub, ff.w1.weight.dtype
+        fused = ff.w13 is not None  # Transformer.fuse_projections() ran first
+        self.amax_ub, self.out_dtype = amax_ub, (ff.w13 if fused else ff.w1).weight.dtype
         with torch.no_grad():
-            w13 = torch.cat([ff.w1.weight, ff.w3.weight])  # [2F, dim], gate rows first
+            w13 = ff.w13.weight if fused else torch.cat([ff.w1.weight, ff.w3.weight])  # [2F, dim], gate rows first
             w13_q, w13_scale = ops.quantize_fp8_rowwise(w13, amax_ub=weight_amax_ub)
             w2_q, w2_scale = ops.quantize_fp8_rowwise(ff.w2.weight.contiguous(), amax_ub=weight_amax_ub)
         self.register_buffer("w13", w13_q)
