@@ -74,6 +74,13 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         lens = torch.tensor([1, 150, 300], dtype=torch.int32, device=dev)
         ops.decode_attention(q, kc, vc, lens)
 
+    def rope(d: int):
+        hq, hkv = 8, 2
+        qkv = r(3, 2, (hq + 2 * hkv) * d)
+        rot = torch.polar(torch.ones(3, 2, d // 2, device=dev), torch.rand(3, 2, d // 2, device=dev))
+        positions = torch.tensor([[0, 1], [40, 41], [98, 99]], device=dev)  # the last slots of the cache
+        ops.rope_kv_cache(qkv, rot, positions, r(4, 100, hkv, d), r(4, 100, hkv, d), hq)
+
     return {
         "rms_norm": (("rms_norm_fwd", "rms_norm_bwd"), lambda: norm_fwd_bwd(False)),
         "rms_norm residual": (("rms_norm_fwd", "rms_norm_bwd"), lambda: norm_fwd_bwd(True)),
@@ -85,6 +92,7 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         "flash_attention d128": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(128)),
         "flash_attention d64": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(64)),
         "decode_attention d128": (("decode_attn",), lambda: decode(128)),
+        "rope_kv_cache d64": (("rope_kv_cache",), lambda: rope(64)),
     }
 
 
@@ -93,7 +101,7 @@ FAMILIES = {
     "norm": ("rms_norm", "rms_norm residual", "rms_norm_fp8", "quantize_fp8_rowwise"),
     "swiglu": ("swiglu", "swiglu_fp8"),
     "gemm": ("fp8_rowwise_mm",),
-    "attention": ("flash_attention d128", "flash_attention d64", "decode_attention d128"),
+    "attention": ("flash_attention d128", "flash_attention d64", "decode_attention d128", "rope_kv_cache d64"),
 }
 # racecheck (shared-memory hazards) is far slower than memcheck: only the kernels that share tiles through
 # shared memory, at these tiny sizes

@@ -55,5 +55,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("Hkv"), py::arg("D"), py::arg("L"), py::arg("k_stride_b"), py::arg("k_stride_l"),
         py::arg("v_stride_b"), py::arg("v_stride_l"), py::arg("softmax_scale"), py::arg("dtype"), py::arg("num_sms"),
         py::arg("stream"));
+  m.def("rope_kv_cache", &l3k::rope_kv_cache, "RoPE on q and k of a fused qkv, k and v appended to a KV cache",
+        py::arg("qkv"), py::arg("qkv_row_stride"), py::arg("rot"), py::arg("positions"), py::arg("q_out"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("tokens"), py::arg("S"), py::arg("hq"), py::arg("hkv"),
+        py::arg("d"), py::arg("L"), py::arg("k_stride_b"), py::arg("k_stride_l"), py::arg("v_stride_b"),
+        py::arg("v_stride_l"), py::arg("dtype"), py::arg("stream"));
   // ---- end attention family ----------------------------------------------------------------------
 }

@@ -15,6 +15,7 @@ import torch
 from llama3_kernels import reference
 from llama3_kernels.ops import attention as attn
 from llama3_kernels.ops._common import DTYPE_CODES, has_kernel, kernel, ptr, sm_count, stream
+from llama3_kernels.ops.rope import rope_kv_cache
 
 pytestmark = [
     pytest.mark.cuda,
@@ -323,3 +324,43 @@ def test_decode_opcheck(gen):
     k, v = _randn(gen, 2, 300, 2, 64, dtype=torch.bfloat16), _randn(gen, 2, 300, 2, 64, dtype=torch.bfloat16)
     lens = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
     torch.library.opcheck(attn.decode_attn, (q, k, v, lens, 0.125))
+
+
+# ---------------------------------------------------------------------------------------- rope + KV cache
+@pytest.mark.parametrize("shape", [(1, 1, 32, 8, 64, 4096), (3, 5, 12, 4, 128, 77), (2, 1, 4, 4, 8, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padded_qkv", [False, True])
+def test_rope_kv_cache(gen, shape, dtype, padded_qkv):
+    """The kernel against the fp32-math reference: q, and every cache slot written or left alone (NaN-poisoned
+    caches). One rounding of the fp32 product apart at most: |diff| <= one ulp of the dtype at the value."""
+    _need("rope_kv_cache")
+    b, s, hq, hkv, d, length = shape
+    n = (hq + 2 * hkv) * d
+    big = _randn(gen, b, s, n + (8 if padded_qkv else 0), dtype=dtype)
+    qkv = big[..., :n]  # padded: token rows 8 elements apart from the projection's width
+    angles = torch.rand(b, s, d // 2, generator=gen).to("cuda") * 100.0
+    rot = torch.polar(torch.ones_like(angles), angles)
+    positions = torch.stack([torch.randperm(length, generator=gen)[:s] for _ in range(b)]).to("cuda")
+    caches = [torch.full((b + 1, length, hkv, d), float("nan"), device="cuda", dtype=dtype) for _ in range(4)]
+    q = rope_kv_cache(qkv, rot, positions, caches[0], caches[1], hq)
+    q_ref = reference.rope_kv_cache(qkv, rot, positions, caches[2], caches[3], hq)
+    ulp = torch.finfo(dtype).eps
+    assert not torch.isnan(q).any()
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=ulp, atol=ulp)
+    for mine, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(torch.isnan(mine), torch.isnan(ref))  # the same slots written, the rest untouched
+        torch.testing.assert_close(mine.float().nan_to_num(7.0), ref.float().nan_to_num(7.0), rtol=ulp, atol=ulp)
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))  # v is copied, bit for bit
+
+
+def test_rope_kv_cache_out_of_range_position_poisons_q_and_writes_nothing(gen):
+    """Positions live on the GPU (graph replays): a bad one cannot raise, so its q is NaN and no slot is written."""
+    _need("rope_kv_cache")
+    hq, hkv, d, length = 4, 2, 64, 16
+    qkv = _randn(gen, 2, 1, (hq + 2 * hkv) * d, dtype=torch.bfloat16)
+    rot = torch.polar(torch.ones(2, 1, d // 2, device="cuda"), torch.rand(2, 1, d // 2, device="cuda"))
+    positions = torch.tensor([[3], [length]], device="cuda")  # row 1 is one past the cache
+    kc, vc = (torch.zeros(2, length, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = rope_kv_cache(qkv, rot, positions, kc, vc, hq)
+    assert torch.isnan(q[1]).all() and not torch.isnan(q[0]).any()
+    assert kc[1].abs().sum() == 0 and vc[1].abs().sum() == 0 and kc[0, 3].abs().sum() > 0

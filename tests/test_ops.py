@@ -18,6 +18,7 @@ from llama3_kernels.ops.attention import decode_attn, flash_attn_bwd, flash_attn
 from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
 from llama3_kernels.ops.norm import rms_norm_bwd, rms_norm_fp8_fwd, rms_norm_fwd
 from llama3_kernels.ops.quant import quantize_fp8_rowwise_fwd
+from llama3_kernels.ops.rope import rope_kv_cache_op
 from llama3_kernels.ops.swiglu import swiglu_bwd, swiglu_fp8_fwd, swiglu_fwd
 
 E4M3 = torch.float8_e4m3fn
@@ -476,12 +477,79 @@ def test_decode_attention_bad_inputs(kwargs, exc, name):
         l3k.decode_attention(**args)
 
 
+# --------------------------------------------------------------------------------------- rope + cache
+def rope_case(gen, b=2, s=3, hq=4, hkv=2, d=8, bmax=3, length=10, dtype=torch.float32):
+    qkv = randn(gen, b, s, (hq + 2 * hkv) * d, dtype=dtype)
+    angles = randn(gen, b, s, d // 2, dtype=torch.float64) * 3
+    rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    positions = torch.stack([torch.randperm(length, generator=gen)[:s] for _ in range(b)])
+    caches = [torch.full((bmax, length, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+    return qkv, rot, positions, caches, angles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kv_cache_matches_real_arithmetic(gen, dtype):
+    b, s, hq, hkv, d = 2, 3, 4, 2, 8
+    qkv, rot, positions, (kc, vc), angles = rope_case(gen, b, s, hq, hkv, d, dtype=dtype)
+    q = l3k.rope_kv_cache(qkv, rot, positions, kc, vc, hq)
+    # independent: rotate each interleaved pair (x0, x1) by its angle with real fp64 arithmetic
+    x = qkv.double().view(b, s, hq + 2 * hkv, d // 2, 2)
+    c, sn = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    rotated = torch.stack([x[..., 0] * c - x[..., 1] * sn, x[..., 0] * sn + x[..., 1] * c], -1).flatten(-2)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-6, rtol=2**-8)
+    assert q.shape == (b, s, hq, d) and q.is_contiguous() and q.dtype == dtype
+    assert_close(q, rotated[:, :, :hq], **tol)
+    written = torch.zeros(kc.shape[:2], dtype=torch.bool)
+    for i in range(b):
+        for j in range(s):
+            p = int(positions[i, j])
+            written[i, p] = True
+            assert_close(kc[i, p], rotated[i, j, hq : hq + hkv], **tol)
+            assert torch.equal(vc[i, p], qkv[i, j].view(hq + 2 * hkv, d)[hq + hkv :])
+    assert torch.isnan(kc[~written]).all() and torch.isnan(vc[~written]).all()  # nothing else touched
+
+
+def test_rope_kv_cache_opcheck(gen):
+    qkv, rot, positions, (kc, vc), _ = rope_case(gen)
+    kc.zero_(), vc.zero_()  # opcheck compares runs: no NaN
+    torch.library.opcheck(rope_kv_cache_op, (qkv, torch.view_as_real(rot), positions, kc, vc, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        (dict(qkv=torch.ones(2, 3, 63)), ValueError, "qkv"),
+        (dict(qkv=torch.ones(2, 3, 64, dtype=torch.float16)), TypeError, "k_cache"),
+        (dict(rot=torch.ones(2, 3, 4)), TypeError, "rot"),
+        (dict(rot=torch.ones(2, 3, 5, dtype=torch.complex64)), ValueError, "rot"),
+        (dict(positions=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "positions"),
+        (dict(positions=torch.tensor([[0, 1, 10], [0, 1, 2]])), ValueError, "positions"),
+        (dict(positions=torch.tensor([[0, 1, -1], [0, 1, 2]])), ValueError, "positions"),
+        (dict(k_cache=torch.ones(1, 10, 2, 8), v_cache=torch.ones(1, 10, 2, 8)), ValueError, "k_cache"),
+        (dict(v_cache=torch.ones(3, 9, 2, 8)), ValueError, "v_cache"),
+        (dict(n_heads=0), ValueError, "n_heads"),
+    ],
+)
+def test_rope_kv_cache_bad_inputs(kwargs, exc, name):
+    args = dict(
+        qkv=torch.ones(2, 3, 64),
+        rot=torch.ones(2, 3, 4, dtype=torch.complex64),
+        positions=torch.zeros(2, 3, dtype=torch.int64),
+        k_cache=torch.ones(3, 10, 2, 8),
+        v_cache=torch.ones(3, 10, 2, 8),
+        n_heads=4,
+    )
+    args.update(kwargs)
+    with pytest.raises(exc, match=rf"^{name}:"):
+        l3k.rope_kv_cache(**args)
+
+
 # ----------------------------------------------------------------------------------------------- info
 def test_info_is_honest():
     report = l3k.info()
     assert set(report["cuda_ops"]) == {
         "rms_norm", "rms_norm_fp8", "swiglu", "swiglu_fp8", "quantize_fp8_rowwise", "fp8_rowwise_mm",
-        "flash_attention", "decode_attention",
+        "flash_attention", "decode_attention", "rope_kv_cache",
     }  # fmt: skip
     if not torch.cuda.is_available():
         assert all(path.startswith("reference") for path in report["cuda_ops"].values())

@@ -31,4 +31,12 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
                  std::int64_t v_stride_b, std::int64_t v_stride_l, float softmax_scale, int dtype, int num_sms,
                  std::uintptr_t stream);
 
+// RoPE on the q and k heads of qkv [T, (Hq + 2 Hkv) D] (row stride qkv_row_stride, in elements) by rot [T, D/2]
+// fp32 (cos, sin) pairs, q written to q_out [T, Hq, D], rotated k and raw v appended to the caches [Bmax, L, Hkv, D]
+// at (t / S, positions[t]) (int64). Tokens whose position is outside [0, L) write no cache entry and get NaN q.
+void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr_t rot, std::uintptr_t positions,
+                   std::uintptr_t q_out, std::uintptr_t k_cache, std::uintptr_t v_cache, std::int64_t tokens, int S,
+                   int hq, int hkv, int d, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
+                   std::int64_t v_stride_b, std::int64_t v_stride_l, int dtype, std::uintptr_t stream);
+
 }  // namespace l3k

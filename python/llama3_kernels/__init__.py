@@ -12,6 +12,7 @@ from llama3_kernels.ops import (
     quantize_fp8_rowwise,
     rms_norm,
     rms_norm_fp8,
+    rope_kv_cache,
     swiglu,
     swiglu_fp8,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "quantize_fp8_rowwise",
     "rms_norm",
     "rms_norm_fp8",
+    "rope_kv_cache",
     "swiglu",
     "swiglu_fp8",
 ]

@@ -18,6 +18,7 @@ OP_KERNELS = {
     "fp8_rowwise_mm": ("fp8_rowwise_mm",),
     "flash_attention": ("flash_attn_fwd", "flash_attn_bwd"),
     "decode_attention": ("decode_attn",),
+    "rope_kv_cache": ("rope_kv_cache",),
 }
 
 

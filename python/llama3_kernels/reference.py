@@ -197,6 +197,32 @@ def decode_attention(
     return torch.stack(outs).to(q.dtype) if outs else q.new_zeros(q.shape)
 
 
+def rope_kv_cache(
+    qkv: torch.Tensor,
+    rot: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """RoPE on the q and k heads of a fused projection; k and v appended to a KV cache (in place).
+
+    qkv [B, S, (Hq + 2 Hkv) D]; rot [B, S, D/2] complex64 (cos + i sin of each token's angles); positions
+    [B, S] int64; caches [Bmax, L, Hkv, D]. Pairs are interleaved (x[2i], x[2i+1]) and rotated in fp32 as
+    complex numbers. Writes k_cache[b, positions[b, s]] = rotated k, v_cache[...] = v; returns the rotated
+    q [B, S, Hq, D] (contiguous, qkv's dtype).
+    """
+    b, s, _ = qkv.shape
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    x = qkv.unflatten(-1, (n_heads + 2 * hkv, d))  # [B, S, Hq + 2 Hkv, D]
+    pairs = torch.view_as_complex(x[:, :, : n_heads + hkv].float().contiguous().unflatten(-1, (-1, 2)))
+    qk = torch.view_as_real(pairs * rot.unsqueeze(-2)).flatten(-2).to(qkv.dtype)  # [B, S, Hq + Hkv, D]
+    rows = torch.arange(b, device=qkv.device).unsqueeze(1)  # [B, 1]
+    k_cache[rows, positions] = qk[:, :, n_heads:]
+    v_cache[rows, positions] = x[:, :, n_heads + hkv :]
+    return qk[:, :, :n_heads].contiguous()
+
+
 def _attend_backward(q, k, v, dout, scale, causal):
     """Gradients of `_attend` for one sequence, in fp32: (dq [Sq,Hq,D], dk [Sk,Hkv,D], dv [Sk,Hkv,D]).
 

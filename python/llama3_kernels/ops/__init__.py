@@ -4,6 +4,7 @@ from llama3_kernels.ops.attention import decode_attention, flash_attention
 from llama3_kernels.ops.gemm import fp8_rowwise_mm
 from llama3_kernels.ops.norm import rms_norm, rms_norm_fp8
 from llama3_kernels.ops.quant import quantize_fp8_rowwise
+from llama3_kernels.ops.rope import rope_kv_cache
 from llama3_kernels.ops.swiglu import swiglu, swiglu_fp8
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "quantize_fp8_rowwise",
     "rms_norm",
     "rms_norm_fp8",
+    "rope_kv_cache",
     "swiglu",
     "swiglu_fp8",
 ]

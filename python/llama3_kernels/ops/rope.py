@@ -1,0 +1,120 @@
+"""RoPE with the KV-cache append, for a fused qkv projection: the decode step's rotate-and-append as one op.
+
+The model's decode step otherwise runs five kernels per layer here (fp32 cast, complex multiply, cast back,
+and an index_put for each cache); the CUDA kernel does it in one pass over the token's qkv row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llama3_kernels import reference
+from llama3_kernels.ops._common import (
+    DTYPE_CODES,
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    kernel,
+    on_input_device,
+    ptr,
+    stream,
+    use_cuda_kernel,
+)
+
+
+def _reference(qkv: Tensor, rot_pairs: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int):
+    return reference.rope_kv_cache(qkv, torch.view_as_complex(rot_pairs), positions, k_cache, v_cache, n_heads)
+
+
+@torch.library.custom_op("llama3_kernels::rope_kv_cache", mutates_args=("k_cache", "v_cache"))
+def rope_kv_cache_op(
+    qkv: Tensor, rot_pairs: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int
+) -> Tensor:
+    """qkv [B, S, (Hq + 2 Hkv) D], rot_pairs [B, S, D/2, 2] fp32 (cos, sin), positions [B, S] int64, caches
+    [Bmax, L, Hkv, D] (written) → q [B, S, Hq, D]."""
+    return _reference(qkv, rot_pairs, positions, k_cache, v_cache, n_heads)
+
+
+def _cache_ok(c: Tensor) -> bool:
+    return c.stride(3) == 1 and c.stride(2) == c.shape[3] and c.stride(0) % 8 == 0 and c.stride(1) % 8 == 0
+
+
+@rope_kv_cache_op.register_kernel("cuda")
+@on_input_device
+def _rope_kv_cache_cuda(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
+    b, s, n = qkv.shape
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    launchable = (
+        qkv.dtype in HALF_DTYPES
+        and d % 8 == 0
+        and qkv.stride(-1) == 1
+        and qkv.stride(1) % 8 == 0
+        and (b == 1 or qkv.stride(0) == s * qkv.stride(1))  # tokens at a uniform stride
+        and _cache_ok(k_cache)
+        and _cache_ok(v_cache)
+        and use_cuda_kernel("rope_kv_cache", qkv, k_cache, v_cache)
+    )
+    if not launchable:
+        return _reference(qkv, rot_pairs, positions, k_cache, v_cache, n_heads)
+    rot_pairs, positions = rot_pairs.contiguous(), positions.contiguous()
+    q = torch.empty((b, s, n_heads, d), dtype=qkv.dtype, device=qkv.device)
+    kernel("rope_kv_cache")(
+        ptr(qkv), qkv.stride(1), ptr(rot_pairs), ptr(positions), ptr(q), ptr(k_cache), ptr(v_cache), b * s, s,
+        n_heads, hkv, d, k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        DTYPE_CODES[qkv.dtype], stream(qkv),
+    )  # fmt: skip
+    return q
+
+
+@rope_kv_cache_op.register_fake
+def _(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], n_heads, k_cache.shape[3]))
+
+
+def rope_kv_cache(
+    qkv: Tensor, rot: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int
+) -> Tensor:
+    """Rotate the q and k heads of a fused qkv projection, append k and v to a KV cache, return q.
+
+    Args:
+        qkv: [B, S, (Hq + 2 Hkv) D] (a fused [wq; wk; wv] projection), float32, bfloat16 or float16, with a
+            unit stride in the last dim.
+        rot: [B, S, D/2] complex64, cos + i·sin of each token's rotation angles (Meta's interleaved pairs).
+        positions: [B, S] int64, the cache slot of each token: row b of the batch writes cache row b.
+        k_cache, v_cache: [Bmax, L, Hkv, D] in qkv's dtype, Bmax >= B; written in place.
+        n_heads: Hq.
+    Returns:
+        q [B, S, Hq, D] rotated, contiguous.
+    Raises:
+        TypeError / ValueError naming the offending argument. Positions outside [0, L) raise on the CPU; on
+        the GPU (checked there without a host sync, so CUDA graphs work) such a token writes no cache entry
+        and its q is NaN.
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("k_cache", k_cache, dtypes=(qkv.dtype,), ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=(qkv.dtype,), ndim=4)
+    check_tensor("rot", rot, dtypes=(torch.complex64,), ndim=3)
+    check_tensor("positions", positions, dtypes=(torch.int64,), ndim=2)
+    check_last_dim_contiguous("qkv", qkv)
+    b, s, n = qkv.shape
+    bmax, length, hkv, d = k_cache.shape
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        raise ValueError(f"n_heads: expected a positive int, got {n_heads!r}")
+    if d % 2 or n != (n_heads + 2 * hkv) * d:
+        raise ValueError(f"qkv: expected last dim (n_heads + 2 Hkv) * D = {(n_heads + 2 * hkv) * d} with an even D "
+                         f"(Hkv={hkv}, D={d} from k_cache), got shape {tuple(qkv.shape)}")  # fmt: skip
+    if bmax < b:
+        raise ValueError(f"k_cache: expected at least {b} rows (the batch), got shape {tuple(k_cache.shape)}")
+    check_shape("rot", rot, (b, s, d // 2))
+    check_shape("positions", positions, (b, s))
+    check_same_device(qkv=qkv, rot=rot, positions=positions, k_cache=k_cache, v_cache=v_cache)
+    if positions.device.type == "cpu" and positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= length:
+            raise ValueError(f"positions: values must lie in [0, {length}) (the cache length), got [{lo}, {hi}]")
+    return rope_kv_cache_op(qkv, torch.view_as_real(rot), positions, k_cache, v_cache, n_heads)
