@@ -13,6 +13,8 @@ mode="reduce-overhead" (CUDA graphs too).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -216,15 +218,20 @@ def _decode_inputs(ctx, cfg, cached, length, dtype):
 
 
 GRAPH_KERNELS = ("rms_norm_fwd", "swiglu_fwd", "decode_attn")  # a decode step's ops; references sync the host
+FP8_KERNELS = ("rms_norm_fp8_fwd", "swiglu_fp8_fwd", "fp8_rowwise_mm")
 
 
-def _ours_decode(graph: bool):
+def _ours_decode(graph: bool, fp8: bool = False):
     def make(i):
         model, tok, positions, lens = i["ours"], i["token"], i["positions"], i["cache_seqlens"]
+        if fp8:  # the paper's serving path: inner layers' FFNs in row-wise FP8 (same weights, same cache history)
+            from llama3_kernels.model.fp8 import quantize_model_fp8
+
+            model = quantize_model_fp8(copy.deepcopy(model))
         if graph:
             from llama3_kernels.ops._common import has_kernel
 
-            missing = [k for k in GRAPH_KERNELS if not has_kernel(k)]
+            missing = [k for k in GRAPH_KERNELS + (FP8_KERNELS if fp8 else ()) if not has_kernel(k)]
             if missing:  # a failed capture can leave the stream unusable for every later row: don't try
                 raise RuntimeError(f"no CUDA graph: kernels not built ({', '.join(missing)}), references sync")
 
@@ -267,6 +274,7 @@ def cases(ctx: Context) -> list[Case]:
     n = matmul_params(cfg) if cfg else None
     impls = [
         Impl(OURS, _train_step("ours", False), ours=True, skip=skip),
+        Impl(f"{OURS} + torch.compile", _train_step("ours", True), ours=True, skip=skip or comp, compiles=True),
         Impl("plain PyTorch eager (SDPA, F.rms_norm)", _train_step("plain", False), skip=skip),
         Impl("plain PyTorch torch.compile", _train_step("plain", True), skip=skip or comp, compiles=True),
     ]
@@ -275,13 +283,23 @@ def cases(ctx: Context) -> list[Case]:
                     _train_inputs(ctx, cfg, b, s, dtype) if cfg else (lambda: None), impls, flops=flops,
                     formula="FLOPs = tokens·(6·N + 6·n_layers·dim·S), N = matmul params; no optimizer",
                     peak=PEAK_TFLOPS["bf16"], unit="tokens", items=float(b * s), host_bound=True))  # fmt: skip
+    kv = cfg.n_kv_heads * cfg.head_dim if cfg else 0
+    # FP8 FFNs in all but the first and last layer: those weights move 1 byte each instead of 2
+    fp8_decode_bytes = (2.0 * n + 2.0 * cfg.n_layers * cached * kv * 2
+                        - (cfg.n_layers - 2) * 3.0 * cfg.dim * cfg.ffn_dim) if cfg else None  # fmt: skip
     impls = [
         Impl(f"{OURS} (CUDA graph)", _ours_decode(True), ours=True, skip=skip or ctx.needs_cuda()),
         Impl(f"{OURS} eager", _ours_decode(False), ours=True, skip=skip),
+        Impl(
+            f"{OURS} FP8 FFN" + ("" if ctx.cpu else " (CUDA graph)"),
+            _ours_decode(not ctx.cpu, fp8=True),
+            ours=True,
+            skip=skip,
+            bytes=fp8_decode_bytes,
+        ),
         Impl("plain PyTorch eager (SDPA, F.rms_norm)", _plain_decode(False), skip=skip),
         Impl("plain PyTorch torch.compile (reduce-overhead)", _plain_decode(True), skip=skip or comp, compiles=True),
     ]
-    kv = cfg.n_kv_heads * cfg.head_dim if cfg else 0
     out.append(Case(FAMILY, "decode step", "decode", f"{name} B=1 cache={cached}", "bf16",
                     _decode_inputs(ctx, cfg, cached, length, dtype) if cfg else (lambda: None), impls,
                     bytes=(2.0 * n + 2.0 * cfg.n_layers * cached * kv * 2) if cfg else None,
