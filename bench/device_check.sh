@@ -169,7 +169,7 @@ grep "^kernels built" "$LOGS/kernels.log" | tee -a "$SUMMARY"
 grep -q "^kernels built" "$LOGS/kernels.log" || touch "$FAILED"
 
 # tests and the sanitizer only check correctness, so they share the GPU; the benches run alone afterwards
-TEST_ARGS=(-m cuda tests -v -rfEs -p no:cacheprovider --continue-on-collection-errors)
+TEST_ARGS=(-m cuda tests -v -rfEsP -p no:cacheprovider --continue-on-collection-errors)  # P: what passing tests print (measured ratios)
 $PY -c "import pytest_timeout" 2>/dev/null && TEST_ARGS+=(--timeout=60) # one hung test must not eat the phase
 SAN_S=$(($(left) < 150 ? $(left) : 150))
 phase sanitize 150 "$PY" bench/sanitize_cases.py --sanitize "${L3K_SANITIZE:-memcheck,racecheck}" \
