@@ -168,6 +168,18 @@ def test_resume_is_bit_exact(tmp_path):
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
 
 
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """--compile: Inductor around the library's ops (they stay opaque custom ops) computes the same losses, and
+    the saved model keeps its parameter names."""
+    eager = train(tiny(tmp_path / "eager", steps=3, eval_every=0, ckpt_every=0))
+    fused = train(tiny(tmp_path / "compiled", steps=3, eval_every=0, ckpt_every=0, compile=True))
+    assert len(train_losses(fused)) == 3
+    torch.testing.assert_close(torch.tensor(train_losses(fused)), torch.tensor(train_losses(eager)), atol=1e-5, rtol=0)
+    saved = torch.load(tmp_path / "compiled" / "model.pt", map_location="cpu", weights_only=True)
+    keys = set(saved.get("model", saved))
+    assert "layers.0.attention.wq.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
 def test_annealing_averages_checkpoints(tmp_path):
     records = train(tiny(tmp_path, steps=4, anneal_steps=2, anneal_avg_every=1, eval_every=0, ckpt_every=0))
     (avg,) = [r for r in records if r["type"] == "eval_averaged"]

@@ -57,6 +57,8 @@ class TrainConfig:
         device: "auto" (cuda when available), "cpu" or "cuda".
         dist_timeout: seconds a rank waits in a collective before the job fails instead of hanging.
         progress: show a tqdm bar on rank 0.
+        compile: torch.compile each transformer block in place (state-dict names unchanged): Inductor fuses the
+            elementwise work around the library's ops (RoPE, residual adds, casts); the ops stay opaque kernels.
     """
 
     model: str = "debug"
@@ -91,6 +93,7 @@ class TrainConfig:
     device: str = "auto"
     dist_timeout: float = 300.0
     progress: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.model = ALIASES.get(self.model, self.model)

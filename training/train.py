@@ -117,6 +117,9 @@ def build_model(cfg: TrainConfig, layout: Layout, compute_dtype: torch.dtype | N
     model_cfg = get_config(cfg.model, **cfg.model_overrides)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
+    if cfg.compile:  # per block and in place: FSDP2 shards the compiled blocks, checkpoint names stay the same
+        for layer in model.layers:
+            layer.compile()
     if layout.fsdp_mesh is None:
         return model.to(layout.device), model_cfg
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -486,6 +489,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--corpus-bytes", type=int)
     p.add_argument("--n-layers", type=int, help="override the model's layer count (quick experiments)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
     args = vars(p.parse_args(argv))
     model = args.pop("config")
     if (n_layers := args.pop("n_layers")) is not None:
