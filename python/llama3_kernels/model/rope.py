@@ -53,5 +53,10 @@ def rotate_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     The pairs are complex numbers x[2i] + i·x[2i+1] multiplied by rot: one fp32 multiply kernel between the two
     dtype casts (forward and backward), where real arithmetic on the halves takes eight.
     """
+    if torch.compiler.is_compiling():  # Inductor generates no code for complex ops: real arithmetic fuses
+        c, s = rot.real.unsqueeze(-2), rot.imag.unsqueeze(-2)  # [..., S, 1, D/2]
+        pairs = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [..., S, H, D/2] complex64
     return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).to(x.dtype)  # [..., S, H, D/2, 2] -> [..., S, H, D]
