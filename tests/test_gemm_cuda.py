@@ -126,12 +126,20 @@ def test_odd_shapes(n, k, m, gen):
     _check(m, n, k, torch.bfloat16, m % 2 == 1, gen)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n,k", [(16, 16), (48, 4112), (2048, 8192 + 16), (4096 + 16, 14336)])
+def test_decode_gemv_every_m(n, k, m, gen):
+    """The decode GEMV (M <= 4; 5 is the first CUTLASS size): K tails past the 512-byte warp step, one CTA's
+    16 rows and partial last CTAs, with and without bias, both output dtypes."""
+    _check(m, n, k, torch.bfloat16 if m % 2 else torch.float16, m >= 3, gen)
+
+
 def test_every_config_is_exercised():
     """The M values above reach every row of the config table."""
     pick = kernel("fp8_rowwise_mm_config")
     names = {pick(m, 4096, 4096) for m in MS}
-    assert len(names) == 4, names
-    assert {pick(m, 4096, 4096) for m in (16, 17, 64, 65, 256, 257)} == names
+    assert len(names) == 5, names
+    assert {pick(m, 4096, 4096) for m in (4, 5, 16, 17, 64, 65, 256, 257)} == names
 
 
 def test_public_op_batched_bias_dtypes(gen):

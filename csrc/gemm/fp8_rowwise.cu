@@ -15,6 +15,7 @@
 //   CUTLASS=$(python -c "import cutlass_library,os;print(os.path.dirname(cutlass_library.__file__))")/source
 //   nvcc -std=c++17 -gencode arch=compute_90a,code=sm_90a -O3 --expt-relaxed-constexpr -DNDEBUG -Icsrc \
 //     -I$CUTLASS/include -I$CUTLASS/tools/util/include -c csrc/gemm/fp8_rowwise.cu -o /tmp/gemm.o
+// M <= 4 (kGemvMaxM) does not come here: fp8_gemv.cu streams the weight with every SM instead of N / 64 CTAs.
 // It instantiates 8 kernels (4 configs × bf16/fp16 out): 76 s of CPU (65 s user + 11 s sys) and 6.6 GB peak
 // memory with nvcc 13.0 on the build machine; ptxas -v reports no spills.
 //
@@ -38,6 +39,7 @@
 
 #include "common.h"
 #include "gemm/gemm.h"
+#include "gemm/gemm_internal.h"
 
 #if defined(CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL)
 #error "fp8_rowwise.cu must reach the driver through cudaGetDriverEntryPoint: libcuda is not linked"
@@ -76,10 +78,11 @@ using Prefill  = TileConfig<128, L3K_FP8_FAST_ACCUM ? 256 : 128, 2, true>;  // l
 // promoted into), so a 64×256 warpgroup tile needs 256 fp32 registers and spills (ptxas: 904 B); 64×128 per
 // warpgroup does not. With L3K_FP8_FAST_ACCUM=1 there is one copy and the 128×256 tile fits.
 
-enum class Config { kDecode16, kDecode64, kMid, kPrefill };
+enum class Config { kGemv, kDecode16, kDecode64, kMid, kPrefill };
 
 // Chosen by M only for now: N and K change the tile count (waves), which the bench should refine.
 Config pick_config(std::int64_t m, std::int64_t /*n*/, std::int64_t /*k*/) {
+  if (m <= kGemvMaxM) return Config::kGemv;  // fp8_gemv.cu: every SM streams weight rows, even for N = 2048
   if (m <= 16) return Config::kDecode16;
   if (m <= 64) return Config::kDecode64;
   if (m <= 256) return Config::kMid;
@@ -88,6 +91,7 @@ Config pick_config(std::int64_t m, std::int64_t /*n*/, std::int64_t /*k*/) {
 
 const char* config_name(Config c) {
   switch (c) {
+    case Config::kGemv: return "gemv_warp_per_2_rows";
     case Config::kDecode16: return "decode16_64x16x128_c1x1_pingpong";
     case Config::kDecode64: return "decode64_64x64x128_c1x1_pingpong";
     case Config::kMid: return "mid_64x128x128_c1x1_pingpong";
@@ -230,6 +234,7 @@ void run(const Problem& p, Config c) {
 template <class ElementD>
 void dispatch(Config c, const Problem& p) {
   switch (c) {
+    case Config::kGemv: break;  // handled before dispatch
     case Config::kDecode16: return run<Decode16, ElementD>(p, c);
     case Config::kDecode64: return run<Decode64, ElementD>(p, c);
     case Config::kMid: return run<Mid, ElementD>(p, c);
@@ -270,6 +275,9 @@ void fp8_rowwise_mm(std::uintptr_t xq, std::uintptr_t x_scale, std::uintptr_t wq
                   as_ptr<const float>(w_scale), as_ptr<const float>(bias), as_ptr<void>(y),
                   static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), as_stream(stream)};
   const Config c = pick_config(m, n, k);
+  if (c == Config::kGemv)
+    return fp8_rowwise_gemv(GemvProblem{p.xq, p.x_scale, p.wq, p.w_scale, p.bias, p.y, p.m, p.n, p.k, p.stream},
+                            out == DType::BF16);
   if (out == DType::BF16) return dispatch<cutlass::bfloat16_t>(c, p);
   return dispatch<cutlass::half_t>(c, p);
 }
