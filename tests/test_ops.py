@@ -284,7 +284,14 @@ def test_fp8_mm_matches_scaled_mm(gen, m, n, k):
     exact = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double() + bias.double()
     assert_close(y, exact, atol=1e-5, rtol=1e-5)
     y16 = l3k.fp8_rowwise_mm(xq, xs, wq, ws)
-    assert y16.dtype == torch.bfloat16 and bf16_ulps(y16, exact - bias.double()) <= 0.5 + 1e-3
+    assert y16.dtype == torch.bfloat16
+    # one bf16 rounding of the fp32 result; that result's own error (fp32 sums of K products) is absolute, relative
+    # to Σ|products|, and exceeds half a bf16 ulp where the products cancel to near zero (seed 193: -9.8e-7)
+    nobias = exact - bias.double()
+    absdot = (xq.double().abs() @ wq.double().abs().t()) * xs.double()[:, None] * ws.double()
+    spacing = torch.clamp(nobias.abs(), min=2.0**-120).log2().floor().exp2() * 2.0**-7
+    err = (y16.double() - nobias).abs()
+    assert not torch.isnan(y16).any() and bool((err <= 0.5 * spacing + k * 2.0**-24 * absdot).all())
 
 
 def test_fp8_mm_batched_and_opcheck(gen):
