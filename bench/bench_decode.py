@@ -1,6 +1,8 @@
-"""Decode attention (one new token per sequence against a full KV cache, GQA) vs SDPA, flash-attn and the reference.
+"""Decode attention (one new token per sequence against a full KV cache, GQA) vs SDPA, flash-attn and the reference;
+and rope_kv_cache (RoPE on q, k of a fused qkv + the cache append) vs the eager ops it replaces and their compiled form.
 
 Minimum bytes: 2·B·L·Hkv·D·2 (read the K and V caches once) + 2·B·Hq·D·2 (q in, out). FLOPs 4·B·Hq·L·D.
+rope_kv_cache: B·(Hq + 2 Hkv)·D·2 read, the same written (q out, k and v into the cache), + B·D/2·8 of angles.
 The cache is batch-major [B, L, Hkv, D] for this project and flash-attn; SDPA gets the same values laid out
 [B, Hkv, L, D] (its own layout) so no impl pays for a transpose inside the timing.
 """
@@ -11,7 +13,7 @@ import torch
 
 from llama3_kernels import ops, reference
 from llama3_kernels.bench.bench_attention import sdpa
-from llama3_kernels.bench.harness import OURS, Case, Context, Impl
+from llama3_kernels.bench.harness import OURS, Case, Context, Impl, compiled
 
 FAMILY = "decode"
 
@@ -38,6 +40,43 @@ def _flash_attn(i):
     return lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens)
 
 
+def _rope_inputs(ctx: Context, b: int, hq: int, hkv: int, d: int, length: int):
+    def make():
+        angles = torch.rand(b, 1, d // 2, device=ctx.device) * 1000.0
+        return {
+            "qkv": ctx.randn(b, 1, (hq + 2 * hkv) * d), "rot": torch.polar(torch.ones_like(angles), angles),
+            "pos": torch.randint(0, length, (b, 1), device=ctx.device),
+            "kc": ctx.randn(b, length, hkv, d), "vc": ctx.randn(b, length, hkv, d),
+        }  # fmt: skip
+
+    return make
+
+
+def _rope_cases(ctx: Context) -> list[Case]:
+    hq, hkv, d, length = (4, 2, 64, 256) if ctx.cpu else (32, 8, 128, 8192)
+    cref = None
+
+    def ref_compiled(i):
+        nonlocal cref
+        cref = cref or compiled(reference.rope_kv_cache)
+        return lambda: cref(i["qkv"], i["rot"], i["pos"], i["kc"], i["vc"], hq)
+
+    out = []
+    for b in ctx.pick([1, 16], cpu=[1, 4]):
+        impls = [
+            Impl(OURS, lambda i: lambda: ops.rope_kv_cache(i["qkv"], i["rot"], i["pos"], i["kc"], i["vc"], hq),
+                 ours=True),
+            Impl("torch eager (complex multiply, index_put)",
+                 lambda i: lambda: reference.rope_kv_cache(i["qkv"], i["rot"], i["pos"], i["kc"], i["vc"], hq)),
+            Impl("torch.compile(reference)", ref_compiled, skip=ctx.compile_skip(), compiles=True),
+        ]  # fmt: skip
+        nbytes = 2 * b * (hq + 2 * hkv) * d * 2 + b * d // 2 * 8
+        out.append(Case(FAMILY, "rope_kv_cache", "decode", f"B={b} H={hq}/{hkv} D={d}", "bf16",
+                        _rope_inputs(ctx, b, hq, hkv, d, length), impls, bytes=nbytes,
+                        formula="bytes = 2·B·(Hq + 2·Hkv)·D·2 + B·D/2·8 (qkv in; q, k, v out; cos/sin)"))  # fmt: skip
+    return out
+
+
 def cases(ctx: Context) -> list[Case]:
     if ctx.cpu:
         hq, hkv, d = 4, 2, 64
@@ -61,4 +100,4 @@ def cases(ctx: Context) -> list[Case]:
         out.append(Case(FAMILY, "decode_attention", "decode", f"B={b} L={length} H={hq}/{hkv} D={d}", "bf16",
                         _inputs(ctx, b, length, hq, hkv, d), impls, bytes=nbytes, flops=4.0 * b * hq * length * d,
                         formula="bytes = 2·B·L·Hkv·D·2 + 2·B·Hq·D·2 (K, V caches; q, out); FLOPs = 4·B·Hq·L·D"))  # fmt: skip
-    return out
+    return out + _rope_cases(ctx)
