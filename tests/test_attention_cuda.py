@@ -270,7 +270,13 @@ def test_flash_bwd_no_queries_zeroes_dk_dv(gen):
 
 
 # ------------------------------------------------------------------------------------------- decode
-@pytest.mark.parametrize("shape", [(3, 1, 32, 8, 128, 1000), (2, 4, 9, 3, 64, 777), (1, 1, 4, 4, 128, 8192)])
+# Rows a KV head = Sq x group: <= 16 takes the warps-split-keys tile (4, 12, 1, and 16 at its edge), more the
+# rows-split tile (20, 2 row blocks of 64 for 100).
+DECODE_SHAPES = [(3, 1, 32, 8, 128, 1000), (2, 4, 9, 3, 64, 777), (1, 1, 4, 4, 128, 8192), (2, 2, 32, 4, 128, 129),
+                 (2, 5, 16, 4, 64, 300), (1, 25, 8, 2, 128, 555)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("strided_cache", [False, True])
 def test_decode(gen, shape, dtype, strided_cache):
