@@ -30,7 +30,7 @@ constexpr int kFwdWarps = 4;
 constexpr int kFwdThreads = 32 * kFwdWarps;
 // Tile shapes. Prefill: two 16-row m-tiles a warp (128-row CTAs), so each K/V fragment read from shared memory
 // feeds two mma (16 rows a warp ran 135-180 TFLOP/s on an H200, ldmatrix-bound; two: +15-19%); D = 128 then
-// takes 32-key tiles, as 64 would need more than 255 registers (ptxas: 244 B of spill loads). Decode (a few
+// takes 32-key tiles: with 64 ptxas reports 244 B of spill loads at the 255-register cap, with 32 still 76 B. Decode (a few
 // rows, memory-bound) keeps one m-tile and 64-key tiles: twice the bytes in flight a CTA (the 128 x 32 tiles
 // ran B=16 L=8192 in 0.32 ms against 0.22).
 // WarpKeys (decode with at most 16 rows, e.g. one token of a 4- or 8-head KV group): the four warps share the

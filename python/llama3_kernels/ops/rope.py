@@ -51,8 +51,10 @@ def _rope_kv_cache_cuda(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
     launchable = (
         qkv.dtype in HALF_DTYPES
         and d % 8 == 0
+        and d <= 512
         and qkv.stride(-1) == 1
         and qkv.stride(1) % 8 == 0
+        and qkv.stride(1) >= n  # (a size-1 dim may carry any stride: the launcher requires a covering one)
         and (b == 1 or qkv.stride(0) == s * qkv.stride(1))  # tokens at a uniform stride
         and _cache_ok(k_cache)
         and _cache_ok(v_cache)
