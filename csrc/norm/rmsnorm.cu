@@ -68,7 +68,7 @@ __device__ __forceinline__ void normalize(const Vec<T, VEC>& h, float rstd, cons
   for (int i = 0; i < VEC; ++i) y[i] = to_f(h.v[i]) * rstd * w[i];
 }
 
-template <typename T, int VEC, bool FP8>
+template <typename T, int VEC, bool FP8, bool RES>
 __global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const FwdParams p) {
   constexpr int K = kFwdRegVecs;
   __shared__ float red_sum[32];
@@ -78,21 +78,31 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const FwdPara
     const int64_t row = row0 + group;
     const bool valid = row < p.M;
     const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
-    const T* r = p.res != nullptr ? static_cast<const T*>(p.res) + row * p.res_stride : nullptr;
-    T* h_out = r != nullptr ? static_cast<T*>(p.h_out) + row * p.N : nullptr;
+    const T* r = RES ? static_cast<const T*>(p.res) + row * p.res_stride : nullptr;
+    T* h_out = RES ? static_cast<T*>(p.h_out) + row * p.N : nullptr;
     // After pass 1, the residual form re-reads h from h_out (this thread wrote it), the plain form from x.
-    const T* h_again = r != nullptr ? h_out : x;
+    const T* h_again = RES ? h_out : x;
 
-    // Pass 1: the row into registers, sum of squares in fp32.
+    // Pass 1: the row into registers, sum of squares in fp32. The plain form issues all K loads before any use.
+    // It used to share the residual form's loop, where load_h's possible store to h_out (which may alias x as
+    // far as the compiler knows) kept the next load from being hoisted: the K loads of a row went out one round
+    // trip at a time (16384 x 4096 at 3.05 TB/s on an H200, where Liger reaches 3.9). The residual form keeps
+    // that loop: its two loads a step already reached 3.84-3.92 TB/s, and hoisting both would spill.
     Vec<T, VEC> hv[K];
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int j = t + k * p.tpr;
-      if (valid && j < nvec) {
-        hv[k] = load_h<T, VEC>(x, r, h_out, j);
-        ss += sum_squares(hv[k]);
+      if constexpr (RES) {
+        if (valid && j < nvec) hv[k] = load_h<T, VEC>(x, r, h_out, j);
+      } else {
+        if (valid && j < nvec) hv[k] = load_vec<T, VEC>(x + int64_t(j) * VEC);
       }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = t + k * p.tpr;
+      if (valid && j < nvec) ss += sum_squares(hv[k]);
     }
     for (int j = t + K * p.tpr; valid && j < nvec; j += p.tpr) ss += sum_squares(load_h<T, VEC>(x, r, h_out, j));
     ss = group_reduce(ss, red_sum, p.tpr, SumOp{});
@@ -185,6 +195,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const BwdP
     const float rstd = valid ? p.rstd[row] : 0.f;
 
     // Pass 1: s = sum(g * xhat) with g = dy * w; dW += dy * xhat (registers, or this group's partial row).
+    // Every dy and h load of the register part goes out first: with the loads inside the loop below, the weight
+    // load's dtype branches kept the compiler from hoisting the next vector's loads above this vector's math, so a
+    // row took K dependent HBM round trips (seen in the SASS: one LDG group per vector, ~200 instructions apart).
     Vec<T, VEC> dyv[K], hv[K];
     float s = 0.f;
 #pragma unroll
@@ -193,6 +206,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const BwdP
       if (valid && j < nvec) {
         dyv[k] = load_vec<T, VEC>(dy + int64_t(j) * VEC);
         hv[k] = load_vec<T, VEC>(h + int64_t(j) * VEC);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = t + k * p.tpr;
+      if (valid && j < nvec) {
         float w[VEC];
         load_weight<VEC>(p.w, p.w_dtype, int64_t(j) * VEC, w);
 #pragma unroll
@@ -312,7 +331,7 @@ void launch_fwd(FwdParams p, DType dtype, int64_t M, int64_t N, int vec, int num
     using T = decltype(tag);
     dispatch_vec(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
-      auto kernel = rms_norm_fwd_kernel<T, V, FP8>;
+      auto kernel = p.res != nullptr ? rms_norm_fwd_kernel<T, V, FP8, true> : rms_norm_fwd_kernel<T, V, FP8, false>;
       const RowPlan plan = plan_rows(kernel, M, N / V, kFwdRegVecs, kMaxThreads, num_sms);
       p.tpr = plan.tpr;
       p.rpc = plan.rpc;
