@@ -5,14 +5,25 @@
 namespace l3k::norm {
 namespace {
 
-// The rows of x ([M, N], row stride `stride`) as fp32.
+// The rows of x ([M, N], row stride `stride`) as fp32 (the Src concept of row_fp8_kernel, norm/row.cuh).
 template <typename T>
 struct RowsOf {
   const T* x;
   int64_t stride;
   template <int VEC>
+  using Raw = Vec<T, VEC>;
+  template <int VEC>
+  __device__ __forceinline__ Raw<VEC> fetch(int64_t row, int j) const {
+    return load_vec<T, VEC>(x + row * stride + int64_t(j) * VEC);
+  }
+  template <int VEC>
+  __device__ __forceinline__ void convert(const Raw<VEC>& raw, float (&y)[VEC]) const {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) y[i] = to_f(raw.v[i]);
+  }
+  template <int VEC>
   __device__ __forceinline__ void load(int64_t row, int j, float (&y)[VEC]) const {
-    load_float<T, VEC>(x + row * stride + int64_t(j) * VEC, y);
+    convert<VEC>(fetch<VEC>(row, j), y);
   }
 };
 

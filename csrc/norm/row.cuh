@@ -229,13 +229,17 @@ inline void require_stride(int64_t stride, int64_t N, int64_t M, const char* arg
 namespace l3k::norm {
 
 // ------------------------------------------------------------------ row-wise FP8 quantization kernel
-// Quantizes the rows produced by `Src` (src.load<VEC>(row, j, y) fills y with the fp32 values of vector j of
-// `row`): the row is computed once into registers (kQuantRegVecs vectors a thread, wider rows recompute the
-// rest), its amax reduced across the group, then scaled and cast. q is dense [M, N] e4m3, scale [M] fp32.
+// Quantizes the rows produced by `Src`: src.fetch<VEC>(row, j) loads vector j of `row` (a Src::Raw<VEC>),
+// src.convert<VEC>(raw, y) turns it into fp32 values, src.load<VEC>(row, j, y) does both. The row is computed
+// once into registers (kQuantRegVecs vectors a thread, wider rows recompute the rest), its amax reduced across
+// the group, then scaled and cast. q is dense [M, N] e4m3, scale [M] fp32. Every fetch of the register part is
+// issued before any convert: with fetch and math in one guarded loop the SASS issued one vector's loads per
+// basic block, a dependent HBM round trip each.
 constexpr int kQuantRegVecs = 4;
+constexpr int kQuantMaxThreads = 512;  // a 128-register cap: the raw vectors and their fp32 values both stay live
 
 template <typename Src, int VEC>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kQuantMaxThreads)
     row_fp8_kernel(const Src src, uint8_t* q, float* scale, int64_t M, int N, float amax_ub, int tpr, int rpc) {
   constexpr int K = kQuantRegVecs;
   __shared__ uint32_t red[32];
@@ -245,13 +249,21 @@ __global__ void __launch_bounds__(1024)
     const bool valid = row < M;
     float y[K][VEC];
     uint32_t amax = 0;
+    {
+      typename Src::template Raw<VEC> raw[K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = t + k * tpr;
-      if (valid && j < nvec) {
-        src.template load<VEC>(row, j, y[k]);
+      for (int k = 0; k < K; ++k) {
+        const int j = t + k * tpr;
+        if (valid && j < nvec) raw[k] = src.template fetch<VEC>(row, j);
+      }
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) amax = max(amax, abs_bits(y[k][i]));
+      for (int k = 0; k < K; ++k) {
+        const int j = t + k * tpr;
+        if (valid && j < nvec) {
+          src.template convert<VEC>(raw[k], y[k]);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) amax = max(amax, abs_bits(y[k][i]));
+        }
       }
     }
     for (int j = t + K * tpr; valid && j < nvec; j += tpr) {
@@ -283,7 +295,7 @@ template <typename Src, int VEC>
 void launch_row_fp8(const Src& src, std::uintptr_t q, std::uintptr_t scale, int64_t M, int64_t N, double amax_ub,
                     int num_sms, cudaStream_t stream, const char* name) {
   auto kernel = row_fp8_kernel<Src, VEC>;
-  const RowPlan plan = plan_rows(kernel, M, N / VEC, kQuantRegVecs, 1024, num_sms);
+  const RowPlan plan = plan_rows(kernel, M, N / VEC, kQuantRegVecs, kQuantMaxThreads, num_sms);
   kernel<<<plan.grid, plan.threads, 0, stream>>>(src, as_ptr<uint8_t>(q), as_ptr<float>(scale), M, int(N),
                                                  float(amax_ub), plan.tpr, plan.rpc);
   L3K_CHECK_LAUNCH(name);

@@ -109,7 +109,7 @@ void check_gate_up(uptr gate, int64_t gate_row_stride, uptr up, int64_t up_row_s
   }
 }
 
-// silu(gate) * up of a row as fp32, for the quantization kernel.
+// silu(gate) * up of a row as fp32, for the quantization kernel (the Src concept of row_fp8_kernel, norm/row.cuh).
 template <typename T>
 struct SwigluRows {
   const T* gate;
@@ -117,12 +117,25 @@ struct SwigluRows {
   const T* up;
   int64_t up_stride;
   template <int VEC>
-  __device__ __forceinline__ void load(int64_t row, int j, float (&y)[VEC]) const {
-    float g[VEC], u[VEC];
-    load_float<T, VEC>(gate + row * gate_stride + int64_t(j) * VEC, g);
-    load_float<T, VEC>(up + row * up_stride + int64_t(j) * VEC, u);
+  struct Raw {
+    Vec<T, VEC> g, u;
+  };
+  template <int VEC>
+  __device__ __forceinline__ Raw<VEC> fetch(int64_t row, int j) const {
+    return {load_vec<T, VEC>(gate + row * gate_stride + int64_t(j) * VEC),
+            load_vec<T, VEC>(up + row * up_stride + int64_t(j) * VEC)};
+  }
+  template <int VEC>
+  __device__ __forceinline__ void convert(const Raw<VEC>& raw, float (&y)[VEC]) const {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) y[i] = g[i] * sigmoid(g[i]) * u[i];
+    for (int i = 0; i < VEC; ++i) {
+      const float g = to_f(raw.g.v[i]);
+      y[i] = g * sigmoid(g) * to_f(raw.u.v[i]);
+    }
+  }
+  template <int VEC>
+  __device__ __forceinline__ void load(int64_t row, int j, float (&y)[VEC]) const {
+    convert<VEC>(fetch<VEC>(row, j), y);
   }
 };
 
