@@ -23,7 +23,7 @@
 namespace l3k::attn {
 namespace {
 
-constexpr int kRopeThreads = 128;
+constexpr int kRopeThreads = 256;  // a token of Llama 3 8B is 768 vectors: 3 dependent load-store rounds a thread
 
 struct RopeParams {
   const void* qkv;
