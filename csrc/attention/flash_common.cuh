@@ -129,47 +129,9 @@ __device__ __forceinline__ void ldsm_b_kn(uint32_t (&b)[4], const T* tile, int k
   ldsm_x4_trans(b, smem_u32(tile + swz<D>(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), n0 + ((lane >> 4) << 3))));
 }
 
-// acc[16 x 8*NT] += A[16 x D] Bᵀ with A = rows a_row0.. of sA and B = rows 0..8*NT-1 of sB (both [*][D]).
-template <typename T, int D, int NT>
-__device__ __forceinline__ void gemm_abt(float (&acc)[NT][4], const T* sA, int a_row0, const T* sB, int lane) {
-  static_assert(NT % 2 == 0, "column tiles come in pairs");
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_a<D>(a, sA, a_row0, kk * 16, lane);
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      uint32_t b[4];
-      ldsm_b_nk<D>(b, sB, np * 16, kk * 16, lane);
-      Half<T>::mma(acc[2 * np], a, b[0], b[1]);
-      Half<T>::mma(acc[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// acc[16 x D] += P[16 x 8*KT] B with P given as KT C-tiles in registers (rounded to T here) and B = rows
-// 0..8*KT-1 of the row-major [k][D] tile sB.
-template <typename T, int D, int KT>
-__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4], const T* sB, int lane) {
-  static_assert(KT % 2 == 0, "contraction tiles come in pairs");
-#pragma unroll
-  for (int kk = 0; kk < KT / 2; ++kk) {
-    const uint32_t a[4] = {Half<T>::pack(p[2 * kk][0], p[2 * kk][1]), Half<T>::pack(p[2 * kk][2], p[2 * kk][3]),
-                           Half<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                           Half<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t b[4];
-      ldsm_b_kn<D>(b, sB, kk * 16, dp * 16, lane);
-      Half<T>::mma(acc[2 * dp], a, b[0], b[1]);
-      Half<T>::mma(acc[2 * dp + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// The two GEMMs above for MT stacked 16-row A tiles (rows a_row0 + 16·mt): every B fragment read from shared
-// memory feeds MT tensor-core ops instead of one, which is what bounds a 16-rows-a-warp kernel (ldmatrix
-// traffic per mma).
+// acc[mt][16 x 8*NT] += A_mt[16 x D] Bᵀ for MT stacked 16-row A tiles (rows a_row0 + 16·mt of sA) and B = rows
+// 0..8*NT-1 of sB (both [*][D]). Every B fragment read from shared memory feeds MT tensor-core ops: with one
+// 16-row tile a warp, ldmatrix traffic per mma bounds the kernel.
 template <typename T, int D, int NT, int MT>
 __device__ __forceinline__ void gemm_abt_rows(float (&acc)[MT][NT][4], const T* sA, int a_row0, const T* sB,
                                               int lane) {
@@ -192,6 +154,8 @@ __device__ __forceinline__ void gemm_abt_rows(float (&acc)[MT][NT][4], const T* 
   }
 }
 
+// acc[mt][16 x D] += P_mt[16 x 8*KT] B with each P_mt given as KT C-tiles in registers (rounded to T here) and
+// B = rows 0..8*KT-1 of the row-major [k][D] tile sB.
 template <typename T, int D, int KT, int MT>
 __device__ __forceinline__ void gemm_pb_rows(float (&acc)[MT][D / 8][4], const float (&p)[MT][KT][4], const T* sB,
                                              int lane) {
@@ -217,6 +181,18 @@ __device__ __forceinline__ void gemm_pb_rows(float (&acc)[MT][D / 8][4], const f
       }
     }
   }
+}
+
+// The single-tile forms (one 16-row A tile a warp), used by the backward kernels.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void gemm_abt(float (&acc)[NT][4], const T* sA, int a_row0, const T* sB, int lane) {
+  gemm_abt_rows<T, D, NT, 1>(reinterpret_cast<float(&)[1][NT][4]>(acc), sA, a_row0, sB, lane);
+}
+
+template <typename T, int D, int KT>
+__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4], const T* sB, int lane) {
+  gemm_pb_rows<T, D, KT, 1>(reinterpret_cast<float(&)[1][D / 8][4]>(acc),
+                            reinterpret_cast<const float(&)[1][KT][4]>(p), sB, lane);
 }
 
 // Reductions over the 4 lanes (t = 0..3) that share a fragment row.
