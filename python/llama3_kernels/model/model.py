@@ -21,6 +21,15 @@ from llama3_kernels.model.rope import rope_frequencies, rope_tables, rotate_pair
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+@torch.no_grad()
+def _stacked_linear(*parts: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output rows are the parts' rows, in order (fused projections)."""
+    w = torch.cat([p.weight for p in parts])  # [Σ out, in]
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight.copy_(w)
+    return fused
+
+
 class RMSNorm(nn.Module):
     """RMSNorm; given a residual it also returns the updated stream h = x + residual (one fused op)."""
 
@@ -47,15 +56,11 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
-    @torch.no_grad()
     def fuse(self) -> None:
         """Replace wq, wk, wv by one Linear wqkv = [wq; wk; wv] (inference: 1 GEMM instead of 3 per step)."""
-        if self.wqkv is not None:
-            return
-        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # [(Hq + 2 Hkv) D, dim]
-        self.wqkv = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        self.wqkv.weight.copy_(w)
-        self.wq = self.wk = self.wv = None
+        if self.wqkv is None:
+            self.wqkv = _stacked_linear(self.wq, self.wk, self.wv)  # [(Hq + 2 Hkv) D, dim]
+            self.wq = self.wk = self.wv = None
 
     def _qkv(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, S, Hq, D] and k [B, S, Hkv, D] rotated, v [B, S, Hkv, D]."""
@@ -114,15 +119,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w13: nn.Linear | None = None  # set by fuse(): [w1; w3] as one GEMM
 
-    @torch.no_grad()
     def fuse(self) -> None:
         """Replace w1, w3 by one Linear w13 = [w1; w3] (gate rows first); swiglu reads its two halves."""
-        if self.w13 is not None:
-            return
-        w = torch.cat([self.w1.weight, self.w3.weight])  # [2F, dim]
-        self.w13 = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        self.w13.weight.copy_(w)
-        self.w1 = self.w3 = None
+        if self.w13 is None:
+            self.w13 = _stacked_linear(self.w1, self.w3)  # [2F, dim]
+            self.w1 = self.w3 = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
