@@ -21,10 +21,6 @@ struct RowsOf {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) y[i] = to_f(raw.v[i]);
   }
-  template <int VEC>
-  __device__ __forceinline__ void load(int64_t row, int j, float (&y)[VEC]) const {
-    convert<VEC>(fetch<VEC>(row, j), y);
-  }
 };
 
 }  // namespace

@@ -230,9 +230,8 @@ namespace l3k::norm {
 
 // ------------------------------------------------------------------ row-wise FP8 quantization kernel
 // Quantizes the rows produced by `Src`: src.fetch<VEC>(row, j) loads vector j of `row` (a Src::Raw<VEC>),
-// src.convert<VEC>(raw, y) turns it into fp32 values, src.load<VEC>(row, j, y) does both. The row is computed
-// once into registers (kQuantRegVecs vectors a thread, wider rows recompute the rest), its amax reduced across
-// the group, then scaled and cast. q is dense [M, N] e4m3, scale [M] fp32. Every fetch of the register part is
+// src.convert<VEC>(raw, y) turns it into fp32 values. The row is computed once into registers (kQuantRegVecs
+// vectors a thread, wider rows recompute the rest), its amax reduced across the group, then scaled and cast. q is dense [M, N] e4m3, scale [M] fp32. Every fetch of the register part is
 // issued before any convert: with fetch and math in one guarded loop the SASS issued one vector's loads per
 // basic block, a dependent HBM round trip each.
 constexpr int kQuantRegVecs = 4;
@@ -268,7 +267,7 @@ __global__ void __launch_bounds__(kQuantMaxThreads)
     }
     for (int j = t + K * tpr; valid && j < nvec; j += tpr) {
       float yj[VEC];
-      src.template load<VEC>(row, j, yj);
+      src.template convert<VEC>(src.template fetch<VEC>(row, j), yj);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) amax = max(amax, abs_bits(yj[i]));
     }
@@ -284,7 +283,7 @@ __global__ void __launch_bounds__(kQuantMaxThreads)
     }
     for (int j = t + K * tpr; valid && j < nvec; j += tpr) {
       float yj[VEC];
-      src.template load<VEC>(row, j, yj);
+      src.template convert<VEC>(src.template fetch<VEC>(row, j), yj);
       store_fp8<VEC>(qrow + int64_t(j) * VEC, yj, inv);
     }
   }

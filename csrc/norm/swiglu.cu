@@ -133,10 +133,6 @@ struct SwigluRows {
       y[i] = g * sigmoid(g) * to_f(raw.u.v[i]);
     }
   }
-  template <int VEC>
-  __device__ __forceinline__ void load(int64_t row, int j, float (&y)[VEC]) const {
-    convert<VEC>(fetch<VEC>(row, j), y);
-  }
 };
 
 }  // namespace
