@@ -601,7 +601,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines += [
         "Times are medians of repeated runs (CUDA events, L2 flushed before each; host clock on CPU). Op rows "
         f"time device work: the GPU spins {LEAD_US:.0f} us before each call so that the host's launch overhead "
-        "stays outside the events; end-to-end rows (model) include it. *vs best peer* = best peer's time / this project's time (>1: faster).",
+        "stays outside the events; end-to-end rows (model) include it. "
+        "*vs best peer* = best peer's time / this project's time (>1: faster).",
         "",
     ]
     families: dict[str, list[dict]] = {}

@@ -152,6 +152,17 @@ def decode_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
 
 
+def cache_layout_ok(cache: Tensor) -> bool:
+    """A KV cache [B, L, Hkv, D] the kernels can address: head h at h·D within a token row (a head-major cache
+    viewed as [B, L, Hkv, D] is not that), 16-byte token rows and batch rows (strides multiples of 8)."""
+    return (
+        cache.stride(3) == 1
+        and cache.stride(0) % 8 == 0
+        and cache.stride(1) % 8 == 0
+        and (cache.shape[2] == 1 or cache.stride(2) == cache.shape[3])
+    )
+
+
 def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int) -> int:
     """Split-KV count: enough CTAs for about two waves, at least 64 keys per split.
 
@@ -166,14 +177,7 @@ def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int
 @decode_attn.register_kernel("cuda")
 @on_input_device
 def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
-    # The kernel addresses KV head h at h * D within a row: a head-major cache viewed as [B, L, Hkv, D] is not that.
-    strides_ok = all(
-        t.stride(3) == 1
-        and t.stride(0) % 8 == 0
-        and t.stride(1) % 8 == 0
-        and (t.shape[2] == 1 or t.stride(2) == t.shape[3])
-        for t in (k_cache, v_cache)
-    )
+    strides_ok = cache_layout_ok(k_cache) and cache_layout_ok(v_cache)
     if not _kernel_ok("decode_attn", q, k_cache, v_cache) or not strides_ok:
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
     q, cache_seqlens = q.contiguous(), cache_seqlens.contiguous()

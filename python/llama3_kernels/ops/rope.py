@@ -24,6 +24,7 @@ from llama3_kernels.ops._common import (
     stream,
     use_cuda_kernel,
 )
+from llama3_kernels.ops.attention import cache_layout_ok
 
 
 def _reference(qkv: Tensor, rot_pairs: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int):
@@ -39,10 +40,6 @@ def rope_kv_cache_op(
     return _reference(qkv, rot_pairs, positions, k_cache, v_cache, n_heads)
 
 
-def _cache_ok(c: Tensor) -> bool:
-    return c.stride(3) == 1 and c.stride(2) == c.shape[3] and c.stride(0) % 8 == 0 and c.stride(1) % 8 == 0
-
-
 @rope_kv_cache_op.register_kernel("cuda")
 @on_input_device
 def _rope_kv_cache_cuda(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
@@ -56,8 +53,8 @@ def _rope_kv_cache_cuda(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
         and qkv.stride(1) % 8 == 0
         and qkv.stride(1) >= n  # (a size-1 dim may carry any stride: the launcher requires a covering one)
         and (b == 1 or qkv.stride(0) == s * qkv.stride(1))  # tokens at a uniform stride
-        and _cache_ok(k_cache)
-        and _cache_ok(v_cache)
+        and cache_layout_ok(k_cache)
+        and cache_layout_ok(v_cache)
         and use_cuda_kernel("rope_kv_cache", qkv, k_cache, v_cache)
     )
     if not launchable:
