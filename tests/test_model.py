@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llama3_kernels import ops
-from llama3_kernels.model import CONFIGS, ModelConfig, Transformer, get_config
+from llama3_kernels.model import CONFIGS, ModelConfig, Transformer, fp8, get_config
 from llama3_kernels.model.fp8 import RMSNormFP8, quantize_model_fp8
 from llama3_kernels.model.model import FeedForward, RMSNorm
 from llama3_kernels.model.rope import rope_frequencies
@@ -439,6 +439,36 @@ def test_fp8_model_close_to_unquantized(dtype, gen):
     with pytest.raises(ValueError, match="meta"):
         with torch.device("meta"):
             quantize_model_fp8(Transformer(cfg))
+
+
+def test_ffn_activation_amax_and_skip_layers(gen):
+    """Per layer, max |normed FFN input| and |swiglu output| recomputed by hand; skipped layers stay 16-bit."""
+    cfg = get_config("debug", n_layers=4, **SMALL)
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 9, gen)
+    seen = []
+    hooks = [layer.feed_forward.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for layer in model.layers]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    expected = []
+    for layer, x in zip(model.layers, seen, strict=True):
+        ff = layer.feed_forward
+        a = F.silu(ff.w1(x)) * ff.w3(x)
+        expected.append(max(x.abs().max().item(), a.abs().max().item()))
+    amax = fp8.ffn_activation_amax(model, tokens)
+    assert amax == pytest.approx(expected, rel=1e-5)
+    bound = sorted(amax)[1]  # two or three layers above it
+    outliers = fp8.outlier_layers(model, tokens, bound)
+    assert outliers == [i for i, a in enumerate(amax) if a > bound] and len(outliers) >= 2
+    with pytest.raises(ValueError, match="skip_layers"):
+        quantize_model_fp8(model, skip_layers=[4])
+    quantize_model_fp8(model, skip_first_last=False, skip_layers=outliers)
+    assert model.fp8_layers == [i for i in range(4) if i not in outliers]
+    assert all(isinstance(model.layers[i].feed_forward, FeedForward) for i in outliers)
+    with pytest.raises(ValueError, match="already FP8"):
+        fp8.ffn_activation_amax(model, tokens)
 
 
 # ------------------------------------------------------------------------------------------- GPU

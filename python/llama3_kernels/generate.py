@@ -311,6 +311,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fp8", action="store_true", help="row-wise FP8 FFNs (all layers but the first and last)")
     p.add_argument("--fp8-amax-ub", type=float, default=1200.0,
                    help="bound on activation row amax (the paper's 1200; inf keeps massive activations)")  # fmt: skip
+    p.add_argument("--fp8-skip-outliers", action="store_true",
+                   help="with --fp8: keep layers whose activations exceed the bound on a calibration text in 16 bits")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=None)
@@ -334,9 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no tokenizer for {args.model}", file=sys.stderr)
         return 2
     if args.fp8:
-        from llama3_kernels.model.fp8 import quantize_model_fp8
+        from llama3_kernels.model import fp8
 
-        quantize_model_fp8(model, amax_ub=args.fp8_amax_ub)
+        skip = []
+        if args.fp8_skip_outliers:
+            calibration = torch.tensor([tokenizer.encode(fp8.CALIBRATION_TEXT)], device=args.device)
+            skip = fp8.outlier_layers(model, calibration, args.fp8_amax_ub)
+        fp8.quantize_model_fp8(model, amax_ub=args.fp8_amax_ub, skip_layers=skip)
+        print(f"[fp8 FFN layers: {model.fp8_layers}]", file=sys.stderr)
     prompts = []
     for text in args.prompt:
         if args.chat:

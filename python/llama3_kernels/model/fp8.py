@@ -4,11 +4,16 @@ Only the feed-forward linears are quantized (attention stays in 16 bits) and the
 left alone. Weights get one fp32 scale per output row; activations one scale per token row, computed from
 an amax bounded at 1200 so that rare outliers do not crush the other values of their row. At run time:
 ffn_norm + residual + quantize (rms_norm_fp8) → one fused w1|w3 GEMM → swiglu_fp8 → w2 GEMM.
+
+Models with massive activations far above the bound in a few layers (SmolLM2: |x| ≈ 2800 in layer 11) lose
+those values to the clip. `outlier_layers` finds such layers on a calibration text, and `quantize_model_fp8`
+keeps them in 16 bits (`skip_layers`), as the paper keeps its first and last layers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +22,12 @@ from llama3_kernels import ops
 from llama3_kernels.model.model import FeedForward, RMSNorm, Transformer
 
 ACT_AMAX_UB = 1200.0  # the paper's upper bound on activation row amax
+# A neutral calibration text for `outlier_layers` (plain encyclopedic English, not any test's evaluation text).
+CALIBRATION_TEXT = (
+    "Photosynthesis is the process by which green plants and some other organisms use sunlight to synthesize "
+    "foods from carbon dioxide and water. It generally involves the green pigment chlorophyll and generates "
+    "oxygen as a byproduct. The word comes from Greek."
+)
 
 
 class RMSNormFP8(nn.Module):
@@ -66,11 +77,44 @@ class FeedForwardFP8(nn.Module):
         return ops.fp8_rowwise_mm(aq, a_scale, self.w2, self.w2_scale, out_dtype=self.out_dtype)  # [B, S, dim]
 
 
+@torch.no_grad()
+def ffn_activation_amax(model: Transformer, tokens: Tensor) -> list[float]:
+    """Per layer, the largest |value| that an FP8 FFN would quantize on `tokens` ([B, S] int64): the normed
+    FFN input and the SwiGLU output, over every row. The layers must still be 16-bit FeedForwards."""
+    amax = [0.0] * len(model.layers)
+
+    def record(i):
+        def hook(ff, args, out):
+            x = args[0]
+            gate_up = ff.w13(x) if ff.w13 is not None else torch.cat([ff.w1(x), ff.w3(x)], -1)
+            amax[i] = max(x.abs().max().item(), ops.swiglu(gate_up).abs().max().item())
+
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer.feed_forward, FeedForward):
+            raise ValueError(f"model: layer {i} is already FP8; calibrate before quantize_model_fp8")
+        hooks.append(layer.feed_forward.register_forward_hook(record(i)))
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def outlier_layers(model: Transformer, tokens: Tensor, amax_ub: float = ACT_AMAX_UB) -> list[int]:
+    """The layers whose FFN activations exceed `amax_ub` on `tokens`: the bound would clip them."""
+    return [i for i, a in enumerate(ffn_activation_amax(model, tokens)) if a > amax_ub]
+
+
 def quantize_model_fp8(
     model: Transformer,
     amax_ub: float = ACT_AMAX_UB,
     weight_amax_ub: float = math.inf,
     skip_first_last: bool = True,
+    skip_layers: Iterable[int] = (),
 ) -> Transformer:
     """Switch the FFNs of a model to row-wise FP8, in place (later .to() moves and casts keep the FP8 weights).
 
@@ -79,6 +123,7 @@ def quantize_model_fp8(
         amax_ub: bound on activation row amax (1200 in the paper).
         weight_amax_ub: bound on weight row amax (none by default: weights are known and outlier-free).
         skip_first_last: leave the first and last layers in 16 bits, as the paper does.
+        skip_layers: further layers to leave in 16 bits (e.g. `outlier_layers` of a calibration text).
     Returns:
         The same model; its `fp8_layers` attribute lists the converted layer indices.
     Raises:
@@ -91,7 +136,10 @@ def quantize_model_fp8(
             f"model: FP8 GEMMs need dim and ffn_dim multiples of 16, got {model.cfg.dim}, {model.cfg.ffn_dim}"
         )
     n = len(model.layers)
-    picked = range(1, n - 1) if skip_first_last else range(n)
+    skip = set(skip_layers)
+    if not skip <= set(range(n)):
+        raise ValueError(f"skip_layers: {sorted(skip - set(range(n)))} are not layers of a {n}-layer model")
+    picked = [i for i in (range(1, n - 1) if skip_first_last else range(n)) if i not in skip]
     done = []
     for i in picked:
         layer = model.layers[i]
