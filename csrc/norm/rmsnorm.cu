@@ -174,6 +174,24 @@ struct BwdParams {
   int tpr, rpc;
 };
 
+// Element i of a 16-bit vector in fp32, read through its 32-bit word: a bf16 is the word shifted or masked (what
+// cvt.f32.bf16 compiles to), a half goes through __half2float. Written as to_f(v.v[i]), the conditionally loaded
+// register vectors of the backward became one 16-bit value a register (PRMT-extracted high halves), and those
+// halves were what the bf16 x8 kernel spilled.
+template <typename T, int VEC>
+__device__ __forceinline__ float elem_f(const Vec<T, VEC>& v, int i) {
+  if constexpr (VEC == 1) {
+    return to_f(v.v[0]);
+  } else {
+    const uint32_t word = reinterpret_cast<const uint32_t*>(&v)[i / 2];
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __uint_as_float(i % 2 ? word & 0xffff0000u : word << 16);
+    } else {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(i % 2 ? word >> 16 : word & 0xffffu)));
+    }
+  }
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const BwdParams p) {
   constexpr int K = kBwdRegVecs;
@@ -216,7 +234,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const BwdP
         load_weight<VEC>(p.w, p.w_dtype, int64_t(j) * VEC, w);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float d = to_f(dyv[k].v[i]), xhat = to_f(hv[k].v[i]) * rstd;
+          const float d = elem_f(dyv[k], i), xhat = elem_f(hv[k], i) * rstd;
           s += d * w[i] * xhat;
           dw[k][i] += d * xhat;
         }
@@ -245,33 +263,41 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const BwdP
     s = group_reduce(s, red, p.tpr, SumOp{});
     const float c = s / float(p.N);
 
-    // Pass 2: dx = rstd * (g - xhat * c) (+ dh).
+    // Pass 2: dx = rstd * (g - xhat * c) (+ dh). Every dh load of the register part goes out before the first dx
+    // store: loaded next to each store, no dh load could be hoisted above the previous store (dx may alias dh as
+    // far as the compiler knows), so a row took K dependent round trips. Each thread reads only the dh elements it
+    // later writes to dx, so loading first is correct even when they alias.
     T* dx = static_cast<T*>(p.dx) + row * p.N;
     const T* dh = p.dh != nullptr ? static_cast<const T*>(p.dh) + row * p.N : nullptr;
-    auto emit = [&](const Vec<T, VEC>& dyj, const Vec<T, VEC>& hj, int j) {
-      float w[VEC], extra[VEC];
-      load_weight<VEC>(p.w, p.w_dtype, int64_t(j) * VEC, w);
-      if (dh != nullptr) {
-        load_float<T, VEC>(dh + int64_t(j) * VEC, extra);
-      } else {
+    Vec<T, VEC> dhv[K];
+    if (dh != nullptr) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) extra[i] = 0.f;
+      for (int k = 0; k < K; ++k) {
+        const int j = t + k * p.tpr;
+        if (valid && j < nvec) dhv[k] = load_vec<T, VEC>(dh + int64_t(j) * VEC);
       }
+    }
+    auto emit = [&](const Vec<T, VEC>& dyj, const Vec<T, VEC>& hj, const Vec<T, VEC>& dhj, int j) {
+      float w[VEC];
+      load_weight<VEC>(p.w, p.w_dtype, int64_t(j) * VEC, w);
       Vec<T, VEC> out;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float g = to_f(dyj.v[i]) * w[i], xhat = to_f(hj.v[i]) * rstd;
-        out.v[i] = from_f<T>(rstd * (g - xhat * c) + extra[i]);
+        const float g = elem_f(dyj, i) * w[i], xhat = elem_f(hj, i) * rstd;
+        const float extra = dh != nullptr ? elem_f(dhj, i) : 0.f;
+        out.v[i] = from_f<T>(rstd * (g - xhat * c) + extra);
       }
       store_vec<T, VEC>(dx + int64_t(j) * VEC, out);
     };
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int j = t + k * p.tpr;
-      if (valid && j < nvec) emit(dyv[k], hv[k], j);
+      if (valid && j < nvec) emit(dyv[k], hv[k], dhv[k], j);
     }
-    for (int j = t + K * p.tpr; valid && j < nvec; j += p.tpr)
-      emit(load_vec<T, VEC>(dy + int64_t(j) * VEC), load_vec<T, VEC>(h + int64_t(j) * VEC), j);
+    for (int j = t + K * p.tpr; valid && j < nvec; j += p.tpr) {
+      const Vec<T, VEC> dhj = dh != nullptr ? load_vec<T, VEC>(dh + int64_t(j) * VEC) : Vec<T, VEC>{};
+      emit(load_vec<T, VEC>(dy + int64_t(j) * VEC), load_vec<T, VEC>(h + int64_t(j) * VEC), dhj, j);
+    }
   }
 
   // This group's partial row: register columns always; the rest was written row by row, or is zero when the
