@@ -11,7 +11,8 @@
 #      Faster (what the 2026-11-27 session did): build here first with `bash bench/build_cp312.sh` and
 #      `make -C dev/attention`, then
 #        run(command='L3K_PREBUILT=1 bash bench/device_check.sh "$OUT"', timeout_s=560, carry=[".whl",
-#            "python/llama3_kernels/_C.cpython-312-x86_64-linux-gnu.so", "dev/attention/v1_wgmma_fwd"])
+#            "python/llama3_kernels/_C.cpython-312-x86_64-linux-gnu.so", "dev/attention/v1_wgmma_fwd",
+#            "dev/attention/v2_wgmma_fwd"])
 #      A start took ~40 s there; the whole run with the build skipped ~230 s, leaving room for a second call
 #      after a fix (give_back in between: a warm machine's idle time counts).
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
@@ -24,7 +25,7 @@
 #
 # Time: phases are capped so the script ends inside L3K_CHECK_BUDGET_S (default 480 s; the 560 s timeout
 # leaves 80 s of slack). Build ≤ 240 s (about 100 s with 16 jobs; none with L3K_PREBUILT=1), tests ∥ sanitizer
-# ≤ 150 s (about 45 s), ncu profile ≤ 60 s, the dev/attention ladder ≤ 75 s, the bench gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
+# ≤ 150 s (about 45 s), ncu profile ≤ 60 s, the dev/attention ladder ≤ 90 s, the bench gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
 # FlexAttention) in a second pass, each impl capped at 90 s; the bench rewrites its JSON and markdown after
 # every row, so a cut leaves every finished row. A failing phase never stops the next one.
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
@@ -191,13 +192,17 @@ NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section 
 phase profile 60 ncu --clock-control none --target-processes all --launch-count 3 \
   --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel' "${NCU_SECTIONS[@]}" "$PY" bench/profile_cases.py
 # shellcheck disable=SC2016  # expanded by the inner bash
-phase dev 75 bash -c '
-  [[ -x dev/attention/v1_wgmma_fwd ]] || make -C dev/attention CUTLASS=/tmp/site/cutlass_library/source || exit 1
-  ./dev/attention/v1_wgmma_fwd --layout-check || exit 1
-  timeout 25 ./dev/attention/v1_wgmma_fwd --check-only --max-seqlen 1000 || exit 1
-  timeout 30 ./dev/attention/v1_wgmma_fwd'
-[[ -f $LOGS/dev.log ]] && grep -iE "tflop|pass|fail|max err" "$LOGS/dev.log" | head -n 20 | cut -c1-200 |
-  sed 's/^/    /' | tee -a "$SUMMARY"
+phase dev 90 bash -c '
+  cd dev/attention || exit 1
+  for v in v1_wgmma_fwd v2_wgmma_fwd; do  # short checks first: a hang or wrong values show up in seconds
+    [[ -x $v ]] || make "$v" CUTLASS=/tmp/site/cutlass_library/source || exit 1
+    ./$v --layout-check && timeout 25 ./$v --check-only --max-seqlen 1000; echo "== $v short check rc=$?"
+  done
+  for v in v1_wgmma_fwd v2_wgmma_fwd; do timeout 30 ./$v; echo "== $v full check + timing rc=$?"; done
+  timeout 30 compute-sanitizer --tool synccheck ./v2_wgmma_fwd --check-only --max-seqlen 129
+  echo "== v2 synccheck rc=$?"'
+[[ -f $LOGS/dev.log ]] && grep -iE "tflop|fail|rc=|on nvidia|ERROR SUMMARY" "$LOGS/dev.log" | head -n 30 |
+  cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY"
 snapshot
 
 STEM=$($PY - <<'EOF'
