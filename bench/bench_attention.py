@@ -7,6 +7,7 @@ The backward is timed alone (the forward ran once before timing, its graph retai
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -82,6 +83,27 @@ def _ours(i):
         cu, mx = i["cu_seqlens"], i["max_seqlen"]
         return _fwd_or_bwd(i, lambda: ops.flash_attention(qp, kp, vp, True, None, cu, mx), (q, k, v))
     return _fwd_or_bwd(i, lambda: ops.flash_attention(q, k, v, causal=True), (q, k, v))
+
+
+SM90_ENV = "L3K_FLASH_FWD_SM90"
+
+
+def _ours_sm90(i):
+    """The opt-in Hopper forward (csrc/attention/flash_fwd_sm90.cuh: TMA + wgmma), enabled around each call."""
+    q, k, v = i["q"], i["k"], i["v"]
+
+    def fwd():
+        before = os.environ.get(SM90_ENV)
+        os.environ[SM90_ENV] = "1"
+        try:
+            return ops.flash_attention(q, k, v, causal=True)
+        finally:
+            if before is None:
+                del os.environ[SM90_ENV]
+            else:
+                os.environ[SM90_ENV] = before
+
+    return fwd
 
 
 def _flex(i):
@@ -165,6 +187,11 @@ def cases(ctx: Context) -> list[Case]:
         for mode in ("fwd", "bwd"):
             impls = [
                 Impl(OURS, _ours, ours=True),
+                *(
+                    [Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=cuda_skip)]
+                    if mode == "fwd"
+                    else []
+                ),
                 Impl("SDPA flash", sdpa("FLASH_ATTENTION")),
                 Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip),
                 Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip),

@@ -179,6 +179,78 @@ def test_flash_fwd_opcheck(gen):
     torch.library.opcheck(attn.flash_attn_fwd, (q, k, v, None, None, 37, 37, True, 0.125))
 
 
+# ------------------------------------------------------------------- Hopper TMA + wgmma forward (opt-in)
+SM90_SHAPES = [(1, 1, 4, 1), (2, 17, 32, 8), (1, 129, 32, 8), (2, 1000, 8, 2), (1, 4097, 32, 8)]  # (B, S, Hq, Hkv)
+
+
+@pytest.fixture
+def sm90_fwd(monkeypatch):
+    """flash_attn_fwd runs csrc/attention/flash_fwd_sm90.cuh for the shapes it covers (read at every call)."""
+    monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1")
+
+
+def _cuda_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels that fn launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+def _ran_sm90(fn) -> bool:
+    return any("flash_fwd_sm90_kernel" in name for name in _cuda_kernels(fn))
+
+
+@pytest.mark.parametrize("shape", SM90_SHAPES)
+def test_flash_fwd_sm90(gen, sm90_fwd, shape):
+    _need("flash_attn_fwd")
+    b, s, hq, hkv = shape
+    q, k = _randn(gen, b, s, hq, 128, dtype=torch.bfloat16), _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
+    v = _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    result = {}
+    assert _ran_sm90(lambda: result.update(zip(("out", "lse"), attn.flash_attention(q, k, v, True, return_lse=True))))
+    ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), True, scale)
+    _assert_within("out", result["out"], ref, _flash_lowp(q, k, v, scale, True), gen.initial_seed())
+    torch.testing.assert_close(result["lse"], ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_flash_fwd_sm90_dispatch(gen, monkeypatch):
+    """Enabled, it takes exactly the shapes it covers; disabled, none."""
+    _need("flash_attn_fwd")
+
+    def runs_sm90(s=64, sk=64, d=128, dtype=torch.bfloat16, causal=True):
+        q, k = _randn(gen, 1, s, 4, d, dtype=dtype), _randn(gen, 1, sk, 2, d, dtype=dtype)
+        return _ran_sm90(lambda: attn.flash_attention(q, k, k, causal))
+
+    monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1")
+    assert runs_sm90()
+    assert not runs_sm90(causal=False) and not runs_sm90(d=64) and not runs_sm90(dtype=torch.float16)
+    assert not runs_sm90(sk=65)
+    cu = _doc_offsets([30, 34])
+    q = _randn(gen, 64, 4, 128, dtype=torch.bfloat16)
+    assert not _ran_sm90(lambda: attn.flash_attention(q, q[:, :2], q[:, :2], True, cu_seqlens=cu, max_seqlen=34))
+    monkeypatch.setenv("L3K_FLASH_FWD_SM90", "0")
+    assert not runs_sm90()
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 32, 8), (1, 1000, 4, 4)])
+def test_flash_bwd_after_sm90_fwd(gen, sm90_fwd, shape):
+    """The backward consumes the sm90 forward's out and lse."""
+    _need("flash_attn_fwd")
+    _need("flash_attn_bwd")
+    b, s, hq, hkv = shape
+    q, k = _randn(gen, b, s, hq, 128, dtype=torch.bfloat16), _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
+    v, dout = _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16), _randn(gen, b, s, hq, 128, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    assert _ran_sm90(lambda: attn.flash_attention(qg, kg, vg, causal=True).backward(dout))
+    refs = _fp32_grads(q, k, v, dout, True, scale)
+    lows = _lowp_grads(q, k, v, dout, True, scale)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
+
+
 # ------------------------------------------------------------------------------------------- backward
 @pytest.mark.parametrize(
     "shape", [(2, 37, 37, 9, 3, 128), (1, 199, 199, 32, 8, 64), (1, 37, 199, 4, 4, 128), (1, 1000, 1000, 4, 4, 128)]

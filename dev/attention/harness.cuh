@@ -1,7 +1,23 @@
 // harness.cuh: the check, timing and main() of a dev/attention rung. Include it last from a version's .cu file, after
-// defining on top of sm90_fwd.cuh: `kVersion` (a name for the log), `Cfg` (its configuration, which the
-// register-layout self-test reads) and `kKernel` (the kernel, launched through launch_fwd<Cfg>).
+// defining on top of csrc/attention/flash_fwd_sm90.cuh: `kVersion` (a name for the log), `Cfg` (its configuration,
+// which the register-layout self-test reads) and `kKernel` (the kernel, launched through launch_fwd<Cfg>).
 #pragma once
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define CUDA_CHECK(expr)                                                                                   \
+  do {                                                                                                     \
+    cudaError_t err_ = (expr);                                                                             \
+    if (err_ != cudaSuccess) {                                                                             \
+      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                                        \
+    }                                                                                                      \
+  } while (0)
 
 // ------------------------------------------------------------------------------------------------------------------
 // Check: random inputs, naive fp32 reference on sampled rows, non-finite count over the whole output.
@@ -280,7 +296,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "this kernel needs sm_90a (Hopper)\n");
     return 1;
   }
-  prepare_fwd<Cfg>(kKernel);
+  CUDA_CHECK(prepare_fwd<Cfg>(kKernel));
 
   constexpr int kHeadsQ = 32, kHeadsKV = 8, D = 128;
   const float scale = 1.f / std::sqrt(float(D));

@@ -7,7 +7,9 @@
 //   ./dev/attention/v1_wgmma_fwd --check-only --max-seqlen 1000      # no timing, short shapes (sanitizers)
 //   ./dev/attention/v1_wgmma_fwd --layout-check                      # host-only register-layout self-test
 
-#include "sm90_fwd.cuh"
+#include "../../csrc/attention/flash_fwd_sm90.cuh"
+
+using namespace l3k::sm90;
 
 static constexpr const char* kVersion = "v1_wgmma_fwd";
 
