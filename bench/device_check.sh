@@ -25,13 +25,13 @@
 #
 # Time: phases are capped so the script ends inside L3K_CHECK_BUDGET_S (default 480 s; the 560 s timeout
 # leaves 80 s of slack). Build ≤ 240 s (about 100 s with 16 jobs; none with L3K_PREBUILT=1), tests ∥ sanitizer
-# ≤ 150 s (about 45 s), ncu profile ≤ 60 s, the step trace ≤ 60 s, the dev/attention ladder ≤ 90 s, the bench gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
+# ≤ 150 s (about 45 s), ncu profile ≤ 60 s, the GEMM tile-order sweep ≤ 60 s, the step trace ≤ 60 s, the dev/attention ladder ≤ 90 s, the bench gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
 # FlexAttention) in a second pass, each impl capped at 90 s; the bench rewrites its JSON and markdown after
 # every row, so a cut leaves every finished row. A failing phase never stops the next one.
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
-# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,tests,sanitize,profile,trace,dev,bench);
+# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,tests,sanitize,profile,sweep,trace,dev,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
 # (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
 # a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
@@ -191,6 +191,9 @@ NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section 
   --section LaunchStats)
 phase profile 60 ncu --clock-control none --target-processes all --launch-count 3 \
   --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel' "${NCU_SECTIONS[@]}" "$PY" bench/profile_cases.py
+# the FP8 GEMM's prefill tile order (swizzle x raster) against cuBLASLt on the shapes where it trails
+phase sweep 60 "$PY" bench/sweep_gemm.py
+[[ -f $LOGS/sweep.log ]] && grep -E "M=|ratio" "$LOGS/sweep.log" | head -n 16 | sed 's/^/    /' | tee -a "$SUMMARY"
 # which kernel groups make the end-to-end gap (a train step and a decode step, ours vs plain PyTorch eager)
 phase trace 60 "$PY" bench/profile_step.py
 [[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 40 |

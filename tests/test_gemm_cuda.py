@@ -134,6 +134,22 @@ def test_decode_gemv_every_m(n, k, m, gen):
     _check(m, n, k, torch.bfloat16 if m % 2 else torch.float16, m >= 3, gen)
 
 
+@pytest.mark.parametrize("swizzle,raster", [("1", "heuristic"), ("2", "m"), ("4", "n"), ("8", "m")])
+def test_prefill_scheduler_knobs(swizzle, raster, gen, monkeypatch):
+    """The tile-order settings bench/sweep_gemm.py tries change which CTA takes which tile, never the values."""
+    monkeypatch.setenv("L3K_GEMM_SWIZZLE", swizzle)
+    monkeypatch.setenv("L3K_GEMM_RASTER", raster)
+    _check(2048 + 7, 4096 + 16, 4096, torch.bfloat16, True, gen)
+
+
+@pytest.mark.parametrize("name,value", [("L3K_GEMM_SWIZZLE", "3"), ("L3K_GEMM_RASTER", "diagonal")])
+def test_bad_scheduler_knob_names_it(name, value, gen, monkeypatch):
+    monkeypatch.setenv(name, value)
+    xq, x_scale, wq, w_scale, bias = _problem(300, 256, 256, False, gen)
+    with pytest.raises(ValueError, match=name):
+        _launch(xq, x_scale, wq, w_scale, bias, torch.bfloat16)
+
+
 def test_every_config_is_exercised():
     """The M values above reach every row of the config table."""
     pick = kernel("fp8_rowwise_mm_config")

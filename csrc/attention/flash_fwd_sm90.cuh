@@ -416,8 +416,9 @@ void launch_fwd(void (*kernel)(FwdParams), FwdParams const& params, cudaStream_t
 // other's GEMMs.
 // ------------------------------------------------------------------------------------------------------------------
 
-// Named barriers 1 and 2 (0 is __syncthreads): "consumer warpgroup w may issue its wgmma". 256 threads each: the
-// 128 of the warpgroup that waits (bar.sync) and the 128 of the other one, which lets it go (bar.arrive).
+// Named barriers "consumer warpgroup w may issue its wgmma" (user ids 1 and 2; CUTLASS adds its 8 reserved ids, so
+// the hardware barriers are 9 and 10, and 0 is __syncthreads). 256 threads each: the 128 of the warpgroup that waits
+// (bar.sync) and the 128 of the other one, which lets it go (bar.arrive).
 constexpr int kSchedBarrier0 = 1;
 constexpr int kSchedThreads = 256;
 
@@ -519,7 +520,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
     mask_scores<Cfg>(scores, score_coords, row0, n_block, params.seqlen);
     online_softmax(scores, row_max, row_sum, correction, params.scale_log2);
 
-    wgmma_wait<0>(tOrO, tOrP);  // PV done: O and P may be touched again
+    // PV done: O and P may be touched again. The wait sits in a branch the compiler cannot resolve (both arms are
+    // the same): written plainly, ptxas hoists it above the softmax (seen in the SASS: every MUFU.EX2 and SHFL after
+    // the PV finished), which undoes the overlap; in a branch it stays after them.
+    if (params.seqlen > 0) {
+      wgmma_wait<0>(tOrO, tOrP);
+    } else {
+      wgmma_wait<0>(tOrO, tOrP);
+    }
     release_slot(&smem.v_empty[v_pos.stage]);
     v_pos.advance();
     rescale_rows(out, correction);  // O holds P(n+1) V(n+1) at the old max

@@ -24,6 +24,7 @@
 // links cudart statically and never links libcuda.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -186,6 +187,25 @@ void check_status(cutlass::Status status, const char* what, const Problem& p, Co
                              " N=" + std::to_string(p.n) + " K=" + std::to_string(p.k) + " with " + config_name(c));
 }
 
+// Persistent tile scheduler order, for tuning sweeps (bench/sweep_gemm.py): L3K_GEMM_SWIZZLE (1, 2, 4 or 8 tiles
+// grouped along the minor direction; default 1) and L3K_GEMM_RASTER ("m" or "n" along the transposed problem's M' =
+// weight rows or N' = tokens; default: CUTLASS's heuristic). Read at every call; unset means CUTLASS's defaults.
+template <class SchedulerArgs>
+void scheduler_from_env(SchedulerArgs& sched) {
+  using Raster = decltype(sched.raster_order);
+  if (const char* v = std::getenv("L3K_GEMM_SWIZZLE")) {
+    const int swizzle = std::atoi(v);
+    require(swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8, "L3K_GEMM_SWIZZLE",
+            std::string("expected 1, 2, 4 or 8, got '") + v + "'");
+    sched.max_swizzle_size = swizzle;
+  }
+  if (const char* v = std::getenv("L3K_GEMM_RASTER")) {
+    const std::string r(v);
+    require(r == "m" || r == "n" || r == "heuristic", "L3K_GEMM_RASTER", "expected m, n or heuristic, got '" + r + "'");
+    sched.raster_order = r == "m" ? Raster::AlongM : r == "n" ? Raster::AlongN : Raster::Heuristic;
+  }
+}
+
 template <class Cfg, class ElementD>
 void run(const Problem& p, Config c) {
   using G = Fp8RowwiseGemm<Cfg, ElementD>;
@@ -213,6 +233,7 @@ void run(const Problem& p, Config c) {
       hw_info};
   // Arguments mirror the tree: {XScale, {WScale, Accum, ScaleW}, Bias, ScaleXB}.
   args.epilogue.thread = {{p.x_scale}, {{p.w_scale}, {}, {}}, {p.bias}, {}};
+  scheduler_from_env(args.scheduler);
 
   Gemm gemm;
   check_status(gemm.can_implement(args), "can_implement", p, c);

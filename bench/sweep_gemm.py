@@ -1,0 +1,60 @@
+"""Tile-scheduler sweep of the FP8 row-wise GEMM's prefill configuration against cuBLASLt, in one run.
+
+    python3 bench/sweep_gemm.py [--m 8192] [--budget-ms 60]
+
+For the large-M Llama 3 shapes where the prefill tiles trail torch._scaled_mm (bench/NOTES.md), times every
+(L3K_GEMM_SWIZZLE, L3K_GEMM_RASTER) pair of the persistent scheduler (csrc/gemm/fp8_rowwise.cu reads both at each
+call) with the bench's timer (L2 flushed, medians), next to _scaled_mm row-wise on the same inputs. Prints one
+line per shape: cuBLASLt's time, then each setting's ratio (cuBLASLt / ours: > 1 is faster). The best setting per
+shape is what pick_config's defaults should become; nothing here changes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+
+import torch
+
+from llama3_kernels.bench import bench_gemm
+from llama3_kernels.bench.harness import Context, Settings, Timer
+
+SHAPES = [s for s in bench_gemm.SHAPES if s[0] in ("8B qkv", "8B o", "8B w13", "8B w2", "70B w13", "70B w2")]
+SWIZZLES = ("1", "2", "4", "8")
+RASTERS = ("heuristic", "m", "n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[8192, 1024])
+    ap.add_argument("--budget-ms", type=float, default=60.0, help="timed span per setting")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_gemm.py: needs a GPU")
+    ctx = Context(torch.device("cuda"))
+    timer = Timer(ctx.device, Settings(warmup=2, min_reps=5, max_reps=100, budget_ms=args.budget_ms))
+    settings = list(itertools.product(SWIZZLES, RASTERS))
+    print(f"{torch.cuda.get_device_name()}; ratio = _scaled_mm / ours per (swizzle, raster)")
+    print("shape".ljust(22) + "cuBLASLt ms  " + "  ".join(f"{s}/{r[0]}".rjust(6) for s, r in settings) + "  best")
+    for m, (name, n, k) in itertools.product(args.m, SHAPES):
+        torch.manual_seed(0)
+        i = bench_gemm._inputs(ctx, m, n, k)()
+        base, _, _ = timer.measure(bench_gemm._scaled_mm(i))
+        ratios = []
+        for swizzle, raster in settings:
+            os.environ["L3K_GEMM_SWIZZLE"], os.environ["L3K_GEMM_RASTER"] = swizzle, raster
+            try:
+                ms, _, _ = timer.measure(bench_gemm._ours(i))
+            finally:
+                del os.environ["L3K_GEMM_SWIZZLE"], os.environ["L3K_GEMM_RASTER"]
+            ratios.append(base / ms)
+        best = max(range(len(settings)), key=ratios.__getitem__)
+        cells = "  ".join(f"{r:6.3f}" for r in ratios)
+        print(f"{name} M={m}".ljust(22) + f"{base:10.4f}  {cells}  {settings[best][0]}/{settings[best][1]}")
+        del i
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
