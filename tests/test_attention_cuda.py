@@ -228,10 +228,53 @@ def test_flash_fwd_sm90_dispatch(gen, monkeypatch):
     assert not runs_sm90(causal=False) and not runs_sm90(d=64) and not runs_sm90(dtype=torch.float16)
     assert not runs_sm90(sk=65)
     cu = _doc_offsets([30, 34])
-    q = _randn(gen, 64, 4, 128, dtype=torch.bfloat16)
-    assert not _ran_sm90(lambda: attn.flash_attention(q, q[:, :2], q[:, :2], True, cu_seqlens=cu, max_seqlen=34))
+    q, k = _randn(gen, 64, 4, 128, dtype=torch.bfloat16), _randn(gen, 64, 2, 128, dtype=torch.bfloat16)
+    assert _ran_sm90(lambda: attn.flash_attention(q, k, k, True, cu_seqlens=cu, max_seqlen=34))
+    # separate key offsets (context parallelism's longer key segments): not covered
+    assert not _ran_sm90(lambda: attn.flash_attention(q, k, k, True, cu_seqlens=cu, cu_seqlens_k=cu.clone()))
     monkeypatch.setenv("L3K_FLASH_FWD_SM90", "0")
     assert not runs_sm90()
+
+
+def test_flash_fwd_sm90_varlen(gen, sm90_fwd):
+    """Packed documents (empty, one-token, short and multi-tile ones) into NaN-poisoned out/lse via the launcher."""
+    _need("flash_attn_fwd")
+    hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    lengths = _random_docs(gen, 5, 700) + [129, 128, 127]
+    cu, total = _doc_offsets(lengths), sum(lengths)
+    q = _randn(gen, total, hq, d, dtype=dtype)
+    k, v = _randn(gen, total, hkv, d, dtype=dtype), _randn(gen, total, hkv, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, total), float("nan"), device="cuda")
+    scale = 1.0 / math.sqrt(d)
+    launch = kernel("flash_attn_fwd")
+    assert _ran_sm90(
+        lambda: launch(
+            ptr(q),
+            ptr(k),
+            ptr(v),
+            ptr(out),
+            ptr(lse),
+            ptr(cu),
+            ptr(cu),
+            len(lengths),
+            max(lengths),
+            max(lengths),
+            total,
+            hq,
+            hkv,
+            d,
+            True,
+            scale,
+            DTYPE_CODES[dtype],
+            sm_count(0),
+            stream(q),
+        )  # fmt: skip
+    )
+    ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), True, scale, cu, cu)
+    assert not out.isnan().any() and not lse.isnan().any()
+    _assert_within("out", out, ref, _flash_lowp(q, k, v, scale, True, cu, cu), gen.initial_seed())
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 32, 8), (1, 1000, 4, 4)])

@@ -15,14 +15,15 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
                     int dtype, int num_sms, std::uintptr_t stream);
 
 // The Hopper TMA + wgmma forward (flash_fwd_sm90.cu), used by flash_attn_fwd when enabled (environment variable
-// L3K_FLASH_FWD_SM90=1) for what it covers: fixed-length, causal, equal query/key lengths, D = 128, bf16, 16-byte
-// aligned tensors.
+// L3K_FLASH_FWD_SM90=1) for what it covers: causal self-attention (equal query/key lengths, or packed documents with
+// one set of offsets for both), D = 128, bf16, 16-byte aligned tensors.
 bool flash_fwd_sm90_enabled();
-bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, bool varlen,
-                           int seqlen_q, int seqlen_k, int d, bool causal, int dtype);
+bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k, int d,
+                           bool causal, int dtype);
 void flash_attn_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
-                         std::uintptr_t lse, int batch, int seqlen, int hq, int hkv, float softmax_scale,
-                         std::uintptr_t stream);
+                         std::uintptr_t lse, std::uintptr_t cu_seqlens, int batch, int max_seqlen, int total_q, int hq,
+                         int hkv, float softmax_scale, std::uintptr_t stream);
 
 // dq/dk/dv (dk/dv summed over each KV head's query heads). dsum: fp32 workspace shaped like lse.
 // total_q_or_S / total_k_or_Sk: tokens of packed q/k, or the padded lengths. Always deterministic (no atomics).

@@ -16,24 +16,26 @@ bool flash_fwd_sm90_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, bool varlen,
-                           int seqlen_q, int seqlen_k, int d, bool causal, int dtype) {
+bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k, int d,
+                           bool causal, int dtype) {
   // TMA needs 16-byte aligned bases (row strides are H * 128 * 2 bytes, always multiples of 16).
   const bool aligned = ((q | k | v | out) % 16) == 0;
-  return !varlen && causal && seqlen_q == seqlen_k && d == sm90::FwdConfig::kHeadDim &&
+  // Packed documents: one set of offsets for queries and keys (self-attention within each document).
+  return causal && cu_seqlens == cu_seqlens_k && seqlen_q == seqlen_k && d == sm90::FwdConfig::kHeadDim &&
          dtype == static_cast<int>(DType::BF16) && aligned;
 }
 
 void flash_attn_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
-                         std::uintptr_t lse, int batch, int seqlen, int hq, int hkv, float softmax_scale,
-                         std::uintptr_t stream) {
+                         std::uintptr_t lse, std::uintptr_t cu_seqlens, int batch, int max_seqlen, int total_q, int hq,
+                         int hkv, float softmax_scale, std::uintptr_t stream) {
   using Cfg = sm90::FwdConfig;
   using Bf16 = cutlass::bfloat16_t;
   auto kernel = sm90::flash_fwd_sm90_kernel<Cfg>;
   check_cuda(sm90::prepare_fwd<Cfg>(kernel), "flash_fwd_sm90: shared memory opt-in");
   const sm90::FwdParams params = sm90::make_fwd_params<Cfg>(
       as_ptr<const Bf16>(q), as_ptr<const Bf16>(k), as_ptr<const Bf16>(v), as_ptr<Bf16>(out), as_ptr<float>(lse),
-      batch, seqlen, hq, hkv, softmax_scale);
+      as_ptr<const int>(cu_seqlens), batch, max_seqlen, total_q, hq, hkv, softmax_scale);
   sm90::launch_fwd<Cfg>(kernel, params, as_stream(stream));
   L3K_CHECK_LAUNCH("flash_fwd_sm90_kernel");
 }

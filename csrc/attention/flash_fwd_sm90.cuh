@@ -5,7 +5,8 @@
 // and the ladder's earlier rungs built from the same pieces).
 //
 // Layouts: q [B, S, Hq, D], k/v [B, S, Hkv, D], o [B, S, Hq, D] (bf16, contiguous); lse [B, Hq, S] (fp32, natural
-// log). Query head h reads KV head h / (Hq / Hkv). Row i sees keys 0..i.
+// log). Or packed documents (varlen): q/k/v/o [T, H, D] with int32 offsets cu_seqlens [B + 1] shared by queries and
+// keys, lse [Hq, T]. Query head h reads KV head h / (Hq / Hkv). Row i of a sequence sees its keys 0..i.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -100,9 +101,11 @@ struct FwdParams {
   FwdConfig::TmaQ tma_q;
   FwdConfig::TmaK tma_k;
   FwdConfig::TmaV tma_v;
-  cutlass::bfloat16_t* o;       // [B, S, Hq, D]
-  float* lse;                   // [B, Hq, S]
-  int batch, seqlen, heads_q, heads_kv;
+  cutlass::bfloat16_t* o;       // [B, S, Hq, D] or [T, Hq, D]
+  float* lse;                   // [B, Hq, S] or [Hq, T]
+  const int* cu_seqlens;        // [B + 1] offsets into packed q/k/v/o (varlen), or null (fixed length S)
+  int batch, seqlen, heads_q, heads_kv;  // seqlen: S, or the longest sequence (varlen: sizes the grid)
+  int rows;                     // rows of the q/k/v views: S, or T (varlen)
   float scale_log2;             // softmax_scale * log2(e): scores go through exp2
   float scale;                  // softmax_scale, for the natural-log lse
 };
@@ -170,7 +173,10 @@ __device__ __forceinline__ void wgmma_wait(Frags&... frags) {
 
 struct TileCoord {
   int m_block, head_q, head_kv, batch;
-  int n_block_max;  // key tiles 0 .. n_block_max - 1 are visible to some row of the tile
+  int seq_start, seqlen;  // this sequence's first row in the packed views (0 for fixed length) and its length
+  int n_block_max;        // key tiles 0 .. n_block_max - 1 are visible to some row of the tile
+  // A varlen grid's tile past the end of a short sequence: no rows to compute.
+  __device__ bool empty() const { return m_block * int(FwdConfig::kBlockM) >= seqlen; }
 };
 
 template <class Cfg>
@@ -180,8 +186,10 @@ __device__ __forceinline__ TileCoord tile_coord(FwdParams const& params) {
   t.head_q = blockIdx.y;
   t.batch = blockIdx.z;
   t.head_kv = t.head_q / (params.heads_q / params.heads_kv);
+  t.seq_start = params.cu_seqlens ? params.cu_seqlens[t.batch] : 0;
+  t.seqlen = params.cu_seqlens ? params.cu_seqlens[t.batch + 1] - t.seq_start : params.seqlen;
   // Keys this tile can see: 0 .. min(S, (m_block + 1) * kBlockM) - 1.
-  t.n_block_max = cute::ceil_div(std::min(params.seqlen, (t.m_block + 1) * Cfg::kBlockM), int(Cfg::kBlockN));
+  t.n_block_max = cute::ceil_div(std::min(t.seqlen, (t.m_block + 1) * Cfg::kBlockM), int(Cfg::kBlockN));
   return t;
 }
 
@@ -210,16 +218,18 @@ __device__ __forceinline__ void produce(FwdParams const& params, typename Cfg::S
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});  // (M, D)
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{});  // (N, D, stage)
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutV{});  // (D, N, stage)
-  const int seqlen = params.seqlen;
-  Tensor mQ = params.tma_q.get_tma_tensor(make_shape(seqlen, kHeadDim, params.heads_q, params.batch));
-  Tensor mK = params.tma_k.get_tma_tensor(make_shape(seqlen, kHeadDim, params.heads_kv, params.batch));
-  Tensor mV = params.tma_v.get_tma_tensor(make_shape(kHeadDim, seqlen, params.heads_kv, params.batch));
-  Tensor gQ = local_tile(mQ(_, _, t.head_q, t.batch), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                         make_coord(t.m_block, _0{}));                                           // (M, D)
-  Tensor gK = local_tile(mK(_, _, t.head_kv, t.batch), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                         make_coord(_, _0{}));                                                   // (N, D, n_block)
-  Tensor gV = local_tile(mV(_, _, t.head_kv, t.batch), Shape<Int<kHeadDim>, Int<kBlockN>>{},
-                         make_coord(_0{}, _));                                                   // (D, N, n_block)
+  // Varlen views are one "batch" of T rows; a sequence's tiles start at its offset. Rows past it (the next
+  // sequence's) are loaded but masked as keys and never stored as queries; rows past T arrive zero-filled.
+  const int batches = params.cu_seqlens ? 1 : params.batch, b = params.cu_seqlens ? 0 : t.batch;
+  Tensor mQ = params.tma_q.get_tma_tensor(make_shape(params.rows, kHeadDim, params.heads_q, batches));
+  Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.rows, kHeadDim, params.heads_kv, batches));
+  Tensor mV = params.tma_v.get_tma_tensor(make_shape(kHeadDim, params.rows, params.heads_kv, batches));
+  Tensor gQ = local_tile(domain_offset(make_coord(t.seq_start, _0{}), mQ(_, _, t.head_q, b)),
+                         Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(t.m_block, _0{}));     // (M, D)
+  Tensor gK = local_tile(domain_offset(make_coord(t.seq_start, _0{}), mK(_, _, t.head_kv, b)),
+                         Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));             // (N, D, n_block)
+  Tensor gV = local_tile(domain_offset(make_coord(_0{}, t.seq_start), mV(_, _, t.head_kv, b)),
+                         Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));             // (D, N, n_block)
 
   auto cta_tma_q = params.tma_q.get_slice(0);
   auto cta_tma_k = params.tma_k.get_slice(0);
@@ -340,7 +350,11 @@ template <class Cfg, class Out, class OutCoords, int kRows>
 __device__ __forceinline__ void store_output(FwdParams const& params, TileCoord const& t, Out const& out,
                                              OutCoords const& out_coords, float const (&row_max)[kRows],
                                              float const (&row_sum)[kRows]) {
-  const int row0 = t.m_block * Cfg::kBlockM, seqlen = params.seqlen;
+  const int row0 = t.m_block * Cfg::kBlockM, seqlen = t.seqlen;
+  // Packed rows of this sequence in o, and the lse index of its row 0: [B, Hq, S] or [Hq, T].
+  const int64_t o_row0 = params.cu_seqlens ? int64_t(t.seq_start) : int64_t(t.batch) * seqlen;
+  const int64_t lse0 = params.cu_seqlens ? int64_t(t.head_q) * params.rows + t.seq_start
+                                         : (int64_t(t.batch) * params.heads_q + t.head_q) * seqlen;
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float sum = quad_sum(row_sum[r]);
@@ -348,7 +362,7 @@ __device__ __forceinline__ void store_output(FwdParams const& params, TileCoord 
     const int row = row0 + int(get<0>(out_coords(r, 0)));
     if (row < seqlen) {
       __nv_bfloat16* o_row = reinterpret_cast<__nv_bfloat16*>(params.o) +
-                             ((int64_t(t.batch) * seqlen + row) * params.heads_q + t.head_q) * Cfg::kHeadDim;
+                             ((o_row0 + row) * params.heads_q + t.head_q) * Cfg::kHeadDim;
       // Columns c, c+1 of the row view are adjacent output columns (value mode 0 has extent 2).
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < size<1>(out); c += 2) {
@@ -358,7 +372,7 @@ __device__ __forceinline__ void store_output(FwdParams const& params, TileCoord 
       }
       if (threadIdx.x % 4 == 0) {
         const float lse = (sum == 0.f) ? -INFINITY : row_max[r] * params.scale + logf(sum);
-        params.lse[(int64_t(t.batch) * params.heads_q + t.head_q) * seqlen + row] = lse;
+        params.lse[lse0 + row] = lse;
       }
     }
   }
@@ -369,17 +383,20 @@ __device__ __forceinline__ void store_output(FwdParams const& params, TileCoord 
 // launches that only enqueue the kernel.
 // ------------------------------------------------------------------------------------------------------------------
 
+// cu_seqlens null: q [B, S, Hq, D], k/v [B, S, Hkv, D]. Else packed [T, H, D] (T = total_rows) with offsets
+// cu_seqlens [batch + 1] for queries and keys alike, and seqlen = the longest sequence.
 template <class Cfg>
 FwdParams make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_t* k, const cutlass::bfloat16_t* v,
-                          cutlass::bfloat16_t* o, float* lse, int batch, int seqlen, int heads_q, int heads_kv,
-                          float softmax_scale) {
+                          cutlass::bfloat16_t* o, float* lse, const int* cu_seqlens, int batch, int seqlen,
+                          int total_rows, int heads_q, int heads_kv, float softmax_scale) {
   const int64_t d = Cfg::kHeadDim;
-  auto layout_q = make_layout(make_shape(seqlen, int(d), heads_q, batch),
-                              make_stride(int64_t(heads_q) * d, _1{}, d, int64_t(seqlen) * heads_q * d));
-  auto layout_k = make_layout(make_shape(seqlen, int(d), heads_kv, batch),
-                              make_stride(int64_t(heads_kv) * d, _1{}, d, int64_t(seqlen) * heads_kv * d));
-  auto layout_v = make_layout(make_shape(int(d), seqlen, heads_kv, batch),
-                              make_stride(_1{}, int64_t(heads_kv) * d, d, int64_t(seqlen) * heads_kv * d));
+  const int rows = cu_seqlens ? total_rows : seqlen, batches = cu_seqlens ? 1 : batch;
+  auto layout_q = make_layout(make_shape(rows, int(d), heads_q, batches),
+                              make_stride(int64_t(heads_q) * d, _1{}, d, int64_t(rows) * heads_q * d));
+  auto layout_k = make_layout(make_shape(rows, int(d), heads_kv, batches),
+                              make_stride(int64_t(heads_kv) * d, _1{}, d, int64_t(rows) * heads_kv * d));
+  auto layout_v = make_layout(make_shape(int(d), rows, heads_kv, batches),
+                              make_stride(_1{}, int64_t(heads_kv) * d, d, int64_t(rows) * heads_kv * d));
   // CuTe reports a failed cuTensorMapEncodeTiled with a message and an assert: the Makefile keeps asserts on.
   return FwdParams{
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(q), layout_q), typename Cfg::SmemLayoutQ{}),
@@ -387,10 +404,12 @@ FwdParams make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(v), layout_v), take<0, 2>(typename Cfg::SmemLayoutV{})),
       o,
       lse,
+      cu_seqlens,
       batch,
       seqlen,
       heads_q,
       heads_kv,
+      rows,
       softmax_scale * 1.4426950408889634f,
       softmax_scale,
   };
@@ -439,6 +458,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
   const TileCoord t = tile_coord<Cfg>(params);
+  if (t.empty()) return;  // uniform over the CTA, before any barrier
   init_barriers<Cfg>(smem);
   __syncthreads();
 
@@ -502,7 +522,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
   wgmma_wait<0>(tSrS);
   release_slot(&smem.k_empty[k_pos.stage]);
   k_pos.advance();
-  mask_scores<Cfg>(scores, score_coords, row0, n_last, params.seqlen);
+  mask_scores<Cfg>(scores, score_coords, row0, n_last, t.seqlen);
   online_softmax(scores, row_max, row_sum, correction, params.scale_log2);  // O is zero: no rescale
   convert_p(tSrS, tOrP);
 
@@ -517,7 +537,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
     release_slot(&smem.k_empty[k_pos.stage]);
     k_pos.advance();
 
-    mask_scores<Cfg>(scores, score_coords, row0, n_block, params.seqlen);
+    mask_scores<Cfg>(scores, score_coords, row0, n_block, t.seqlen);
     online_softmax(scores, row_max, row_sum, correction, params.scale_log2);
 
     // PV done: O and P may be touched again. The wait sits in a branch the compiler cannot resolve (both arms are

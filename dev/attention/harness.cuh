@@ -323,8 +323,8 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaEventCreate(&done));
     const FwdParams params = make_fwd_params<Cfg>(
         reinterpret_cast<const cutlass::bfloat16_t*>(q), reinterpret_cast<const cutlass::bfloat16_t*>(k),
-        reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<cutlass::bfloat16_t*>(o), lse, B, S,
-        kHeadsQ, kHeadsKV, scale);
+        reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<cutlass::bfloat16_t*>(o), lse, nullptr, B,
+        S, 0, kHeadsQ, kHeadsKV, scale);
     launch_fwd<Cfg>(kKernel, params, nullptr);
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaEventRecord(done));

@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_c
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
   const TileCoord t = tile_coord<Cfg>(params);
+  if (t.empty()) return;  // uniform over the CTA, before any barrier
   init_barriers<Cfg>(smem);
   __syncthreads();
 
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_c
     wgmma_wait<0>(tSrS);
     release_slot(&smem.k_empty[pos.stage]);
 
-    mask_scores<Cfg>(scores, score_coords, row0, n_block, params.seqlen);
+    mask_scores<Cfg>(scores, score_coords, row0, n_block, t.seqlen);
     online_softmax(scores, row_max, row_sum, correction, params.scale_log2);
     rescale_rows(out, correction);
     convert_p(tSrS, tOrP);
