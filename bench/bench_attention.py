@@ -90,13 +90,13 @@ SM90_ENV = "L3K_FLASH_FWD_SM90"
 
 def _ours_sm90(i):
     """The opt-in Hopper forward (csrc/attention/flash_fwd_sm90.cuh: TMA + wgmma), enabled around each call."""
-    q, k, v = i["q"], i["k"], i["v"]
+    ours = _ours(i)  # forward rows only: the backward kernel is the same either way
 
     def fwd():
         before = os.environ.get(SM90_ENV)
         os.environ[SM90_ENV] = "1"
         try:
-            return ops.flash_attention(q, k, v, causal=True)
+            return ours()
         finally:
             if before is None:
                 del os.environ[SM90_ENV]
@@ -210,6 +210,7 @@ def cases(ctx: Context) -> list[Case]:
     for mode in ("fwd", "bwd"):
         impls = [
             Impl(OURS, _ours, ours=True),
+            *([Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=cuda_skip)] if mode == "fwd" else []),
             Impl("SDPA flash", skip="SDPA's flash backend takes no attention mask (documents need varlen)"),
             Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
             Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
