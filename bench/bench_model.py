@@ -14,6 +14,7 @@ mode="reduce-overhead" (CUDA graphs too).
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,9 @@ def _train_inputs(ctx, cfg, b, s, dtype):
     return make
 
 
-def _train_step(model_key: str, compile_it: bool):
+def _train_step(model_key: str, compile_it: bool, env: dict[str, str] | None = None):
+    """env: variables set around each step (the opt-in kernels, e.g. L3K_FLASH_FWD_SM90=1)."""
+
     def make(i):
         model = i[model_key]
         fwd = compiled(model) if compile_it else model
@@ -186,9 +189,18 @@ def _train_step(model_key: str, compile_it: bool):
         x, y = i["x"], i["y"]
 
         def step():
-            logits = fwd(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            return torch.autograd.grad(loss, params)
+            before = {k: os.environ.get(k) for k in env or {}}
+            os.environ.update(env or {})
+            try:
+                logits = fwd(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                return torch.autograd.grad(loss, params)
+            finally:
+                for k, v in before.items():
+                    if v is None:
+                        del os.environ[k]
+                    else:
+                        os.environ[k] = v
 
         return step
 
@@ -274,6 +286,12 @@ def cases(ctx: Context) -> list[Case]:
     n = matmul_params(cfg) if cfg else None
     impls = [
         Impl(OURS, _train_step("ours", False), ours=True, skip=skip),
+        Impl(
+            f"{OURS} + sm90 wgmma attention fwd (opt-in)",
+            _train_step("ours", False, {"L3K_FLASH_FWD_SM90": "1"}),
+            ours=True,
+            skip=skip or ctx.needs_cuda(),
+        ),  # fmt: skip
         Impl(f"{OURS} + torch.compile", _train_step("ours", True), ours=True, skip=skip or comp, compiles=True),
         Impl("plain PyTorch eager (SDPA, F.rms_norm)", _train_step("plain", False), skip=skip),
         Impl("plain PyTorch torch.compile", _train_step("plain", True), skip=skip or comp, compiles=True),
