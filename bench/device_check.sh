@@ -189,8 +189,9 @@ snapshot
 # attention ladder (dev/attention: wgmma + TMA forward, not in the extension; its own check and timing).
 NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
   --section LaunchStats)
-phase profile 60 ncu --clock-control none --target-processes all --launch-count 3 \
-  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel' "${NCU_SECTIONS[@]}" "$PY" bench/profile_cases.py
+phase profile 60 ncu --clock-control none --target-processes all --launch-count 5 \
+  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel|dkdv_kernel|dq_kernel' "${NCU_SECTIONS[@]}" \
+  "$PY" bench/profile_cases.py
 # the FP8 GEMM's prefill tile order (swizzle x raster) against cuBLASLt on the shapes where it trails
 phase sweep 60 "$PY" bench/sweep_gemm.py
 [[ -f $LOGS/sweep.log ]] && grep -E "M=|ratio" "$LOGS/sweep.log" | head -n 16 | sed 's/^/    /' | tee -a "$SUMMARY"
