@@ -237,11 +237,13 @@ def test_flash_fwd_sm90_dispatch(gen, monkeypatch):
 
 
 def test_flash_fwd_sm90_varlen(gen, sm90_fwd):
-    """Packed documents (empty, one-token, short and multi-tile ones) into NaN-poisoned out/lse via the launcher."""
+    """Packed documents (empty, one-token, short and multi-tile ones) into NaN-poisoned out/lse via the launcher;
+    40 trailing rows belong to no document and must stay untouched (a store past a document would land there)."""
     _need("flash_attn_fwd")
-    hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    hq, hkv, d, dtype, tail = 32, 8, 128, torch.bfloat16, 40
     lengths = _random_docs(gen, 5, 700) + [129, 128, 127]
-    cu, total = _doc_offsets(lengths), sum(lengths)
+    cu, used = _doc_offsets(lengths), sum(lengths)
+    total = used + tail
     q = _randn(gen, total, hq, d, dtype=dtype)
     k, v = _randn(gen, total, hkv, d, dtype=dtype), _randn(gen, total, hkv, d, dtype=dtype)
     out = torch.full_like(q, float("nan"))
@@ -271,10 +273,29 @@ def test_flash_fwd_sm90_varlen(gen, sm90_fwd):
             stream(q),
         )  # fmt: skip
     )
+    assert out[used:].isnan().all() and lse[:, used:].isnan().all()
+    out, lse, q, k, v = out[:used], lse[:, :used], q[:used], k[:used], v[:used]
     ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), True, scale, cu, cu)
     assert not out.isnan().any() and not lse.isnan().any()
     _assert_within("out", out, ref, _flash_lowp(q, k, v, scale, True, cu, cu), gen.initial_seed())
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_flash_bwd_after_sm90_varlen_fwd(gen, sm90_fwd):
+    """The backward consumes the sm90 forward's packed out and [Hq, T] lse."""
+    _need("flash_attn_fwd")
+    _need("flash_attn_bwd")
+    lengths = _random_docs(gen, 4, 300)
+    cu, total = _doc_offsets(lengths), sum(lengths)
+    q, k = _randn(gen, total, 8, 128, dtype=torch.bfloat16), _randn(gen, total, 2, 128, dtype=torch.bfloat16)
+    v, dout = _randn(gen, total, 2, 128, dtype=torch.bfloat16), _randn(gen, total, 8, 128, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    assert _ran_sm90(lambda: attn.flash_attention(qg, kg, vg, True, cu_seqlens=cu).backward(dout))
+    refs = _fp32_grads(q, k, v, dout, True, scale, cu)
+    lows = _lowp_grads(q, k, v, dout, True, scale, cu)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 32, 8), (1, 1000, 4, 4)])

@@ -442,6 +442,15 @@ def test_flash_attention_bad_cu_seqlens(cu, name):
         l3k.flash_attention(q, q[:, :2], q[:, :2], cu_seqlens=cu)
 
 
+def test_flash_attention_packed_k_must_match_q_with_shared_offsets():
+    """One set of offsets for queries and keys (cu_seqlens_k omitted or the same tensor): k has q's token count."""
+    q, k = torch.ones(8, 4, 64), torch.ones(6, 2, 64)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    for extra in ({}, {"cu_seqlens_k": cu, "max_seqlen_k": 5}):
+        with pytest.raises(ValueError, match=r"^k:"):
+            l3k.flash_attention(q, k, k, cu_seqlens=cu, max_seqlen=5, **extra)
+
+
 def test_flash_attention_empty():
     q = torch.empty(0, 5, 4, 64)
     assert l3k.flash_attention(q, q[:, :, :2], q[:, :, :2]).shape == q.shape

@@ -19,8 +19,8 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
 // one set of offsets for both), D = 128, bf16, 16-byte aligned tensors.
 bool flash_fwd_sm90_enabled();
 bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
-                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k, int d,
-                           bool causal, int dtype);
+                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k,
+                           std::int64_t rows, int hq, int d, bool causal, int dtype);
 void flash_attn_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                          std::uintptr_t lse, std::uintptr_t cu_seqlens, int batch, int max_seqlen, int total_q, int hq,
                          int hkv, float softmax_scale, std::uintptr_t stream);

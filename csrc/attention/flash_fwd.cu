@@ -392,7 +392,8 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
   require(softmax_scale > 0.f, "softmax_scale", "expected a positive scale");
   if (batch == 0 || max_seqlen <= 0 || (cu_seqlens && total_q <= 0)) return;
   if (flash_fwd_sm90_enabled() &&
-      flash_fwd_sm90_covers(q, k, v, out, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, d, causal, dtype)) {
+      flash_fwd_sm90_covers(q, k, v, out, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
+                            cu_seqlens ? total_q : max_seqlen, hq, d, causal, dtype)) {
     return flash_attn_fwd_sm90(q, k, v, out, lse, cu_seqlens, batch, max_seqlen, total_q, hq, hkv, softmax_scale,
                                stream);
   }

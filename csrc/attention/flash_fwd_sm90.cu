@@ -17,10 +17,13 @@ bool flash_fwd_sm90_enabled() {
 }
 
 bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
-                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k, int d,
-                           bool causal, int dtype) {
-  // TMA needs 16-byte aligned bases (row strides are H * 128 * 2 bytes, always multiples of 16).
+                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k,
+                           std::int64_t rows, int hq, int d, bool causal, int dtype) {
+  // TMA needs 16-byte aligned bases (row strides are H * 128 * 2 bytes, always multiples of 16) and strides below
+  // 2^40 bytes; the largest is a batch's (rows = S, or T for packed documents). A failed descriptor encode would
+  // not stop the launch in this NDEBUG build, so anything larger stays on the mma.sync kernel.
   const bool aligned = ((q | k | v | out) % 16) == 0;
+  if (rows * hq * d * 2 >= (std::int64_t(1) << 40)) return false;
   // Packed documents: one set of offsets for queries and keys (self-attention within each document).
   return causal && cu_seqlens == cu_seqlens_k && seqlen_q == seqlen_k && d == sm90::FwdConfig::kHeadDim &&
          dtype == static_cast<int>(DType::BF16) && aligned;

@@ -219,7 +219,9 @@ __device__ __forceinline__ void produce(FwdParams const& params, typename Cfg::S
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Cfg::SmemLayoutK{});  // (N, D, stage)
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Cfg::SmemLayoutV{});  // (D, N, stage)
   // Varlen views are one "batch" of T rows; a sequence's tiles start at its offset. Rows past it (the next
-  // sequence's) are loaded but masked as keys and never stored as queries; rows past T arrive zero-filled.
+  // sequence's) are loaded but masked as keys and never stored as queries; rows past T arrive zero-filled. (So a
+  // non-finite value in the next document's V would reach this one's output through 0 · Inf, where the mma.sync
+  // kernel zero-fills those rows; finite inputs give identical results.)
   const int batches = params.cu_seqlens ? 1 : params.batch, b = params.cu_seqlens ? 0 : t.batch;
   Tensor mQ = params.tma_q.get_tma_tensor(make_shape(params.rows, kHeadDim, params.heads_q, batches));
   Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.rows, kHeadDim, params.heads_kv, batches));
@@ -397,7 +399,8 @@ FwdParams make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_
                               make_stride(int64_t(heads_kv) * d, _1{}, d, int64_t(rows) * heads_kv * d));
   auto layout_v = make_layout(make_shape(int(d), rows, heads_kv, batches),
                               make_stride(_1{}, int64_t(heads_kv) * d, d, int64_t(rows) * heads_kv * d));
-  // CuTe reports a failed cuTensorMapEncodeTiled with a message and an assert: the Makefile keeps asserts on.
+  // CuTe reports a failed cuTensorMapEncodeTiled with a message and an assert: the dev Makefile keeps asserts on;
+  // the extension (NDEBUG) keeps every stride in range instead (flash_fwd_sm90_covers).
   return FwdParams{
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(q), layout_q), typename Cfg::SmemLayoutQ{}),
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(k), layout_k), take<0, 2>(typename Cfg::SmemLayoutK{})),

@@ -57,6 +57,9 @@ def _flash_attn_fwd_cuda(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seql
         return reference.flash_attention(q, k, v, causal, softmax_scale, cu_seqlens, cu_seqlens_k)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     varlen = cu_seqlens is not None
+    if varlen and (cu_seqlens_k is None or cu_seqlens_k.data_ptr() == cu_seqlens.data_ptr()):
+        if k.shape[0] != q.shape[0]:  # one set of offsets: the kernels read k/v rows up to q's token count
+            raise ValueError(f"k: packed k with the queries' offsets needs T={q.shape[0]} tokens, got {k.shape[0]}")
     batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     out = torch.empty_like(q)
@@ -275,7 +278,8 @@ def flash_attention(
     if not scale > 0:
         raise ValueError(f"softmax_scale: expected a positive float, got {softmax_scale!r}")
     if varlen:
-        if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+        same_offsets = cu_seqlens_k is None or cu_seqlens_k.data_ptr() == cu_seqlens.data_ptr()
+        if same_offsets and k.shape[0] != q.shape[0]:
             raise ValueError(f"k: packed k needs T={q.shape[0]} tokens like q (or cu_seqlens_k), got {k.shape[0]}")
         if max_seqlen is None:
             max_seqlen = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
