@@ -1,8 +1,11 @@
-"""FP8 row-wise GEMM on the Llama 3 linear shapes vs torch._scaled_mm row-wise (cuBLASLt) and bf16 torch.mm.
+"""FP8 row-wise GEMM on the Llama 3 linear shapes vs torch._scaled_mm row-wise (cuBLASLt) and bf16 torch.mm;
+the 16-bit decode GEMV (one token, norm or SwiGLU fused in) vs F.linear (cuBLAS) after the unfused ops.
 
 y [M, N] bf16 = (xq [M, K] · wq [N, K]ᵀ) · x_scale[:, None] · w_scale[None, :].
   FLOPs = 2·M·N·K. MFU: fp8 impls against 1979 TFLOP/s (H100 SXM dense e4m3), bf16 torch.mm against 989.
   Minimum bytes, fp8: M·K + N·K + 4·(M + N) + 2·M·N; bf16 mm: 2·(M·K + N·K + M·N).
+Decode GEMV rows (M = 1, bf16): bytes = 2·(N·K + N) + the prologue's input (2·K, rms_norm with a residual 4·K and
+its weight 2·K, SwiGLU 4·K); the weight dominates.
 """
 
 from __future__ import annotations
@@ -54,6 +57,77 @@ def _bf16_mm(i):
     return lambda: torch.mm(x, wt)
 
 
+# (name, N, K, prologue) of a Llama 3.2-1B decode step (and the 8B's largest), M = 1
+DECODE_SHAPES = [
+    ("1B norm+qkv", 3072, 2048, "rms_norm"),
+    ("1B o", 2048, 2048, "none"),
+    ("1B norm+w13", 16384, 2048, "rms_norm"),
+    ("1B swiglu+w2", 2048, 8192, "swiglu"),
+    ("1B norm+lm_head", 128256, 2048, "rms_norm"),
+    ("8B swiglu+w2", 4096, 14336, "swiglu"),
+]
+
+
+def _decode_inputs(ctx: Context, n: int, k: int, prologue: str):
+    def make():
+        kx = 2 * k if prologue == "swiglu" else k
+        return {"x": ctx.randn(1, kx), "h": ctx.randn(1, k), "g": ctx.randn(k), "w": ctx.randn(n, k, scale=0.02)}
+
+    return make
+
+
+def _decode_ours(prologue: str):
+    def make(i):
+        x, h, g, w = i["x"], i["h"], i["g"], i["w"]
+        if prologue == "rms_norm":
+            return lambda: ops.rms_norm_linear(x, g, 1e-5, w, residual=h)
+        if prologue == "swiglu":
+            return lambda: ops.swiglu_linear(x, w)
+        return lambda: ops.decode_linear(x, w)
+
+    return make
+
+
+def _decode_unfused(prologue: str, torch_ops: bool):
+    """The same math as separate ops then F.linear: this library's norm/SwiGLU kernels, or PyTorch's own."""
+
+    def make(i):
+        x, h, g, w = i["x"], i["h"], i["g"], i["w"]
+        if prologue == "rms_norm":
+            if torch_ops:
+                return lambda: torch.nn.functional.linear(
+                    torch.nn.functional.rms_norm(x + h, (x.shape[-1],), g, 1e-5), w
+                )
+            return lambda: torch.nn.functional.linear(ops.rms_norm(x, g, 1e-5, h)[0], w)
+        if prologue == "swiglu":
+            k = w.shape[1]
+            if torch_ops:
+                return lambda: torch.nn.functional.linear(torch.nn.functional.silu(x[:, :k]) * x[:, k:], w)
+            return lambda: torch.nn.functional.linear(ops.swiglu(x), w)
+        return lambda: torch.nn.functional.linear(x, w)
+
+    return make
+
+
+def decode_cases(ctx: Context) -> list[Case]:
+    shapes = [("tiny norm+proj", 96, 256, "rms_norm"), ("tiny swiglu+w2", 64, 256, "swiglu")] if ctx.cpu else (
+        ctx.pick(DECODE_SHAPES, quick=DECODE_SHAPES[3:5]))  # fmt: skip
+    formula = ("bytes = 2·(N·K + N) + prologue input (rms_norm + residual: 6·K, swiglu: 4·K); "
+               "FLOPs = 2·N·K; the unfused peers also write and re-read the norm/SwiGLU output")  # fmt: skip
+    out = []
+    for name, n, k, prologue in shapes:
+        extra = {"rms_norm": 6 * k, "swiglu": 4 * k, "none": 2 * k}[prologue]
+        impls = [
+            Impl(OURS, _decode_ours(prologue), ours=True),
+            Impl("llama3_kernels ops + F.linear (unfused)", _decode_unfused(prologue, False)),
+            Impl("PyTorch ops + F.linear (cuBLAS)", _decode_unfused(prologue, True)),
+        ]
+        out.append(Case(FAMILY, "decode_linear", "fwd", f"{name} M=1 N={n} K={k}", "bf16",
+                        _decode_inputs(ctx, n, k, prologue), impls, bytes=2.0 * (n * k + n) + extra,
+                        flops=2.0 * n * k, formula=formula, peak=PEAK_TFLOPS["bf16"], api="decode_linear"))  # fmt: skip
+    return out
+
+
 def cases(ctx: Context) -> list[Case]:
     if ctx.tier == "cpu":
         grid = [("tiny", 256, 512, m) for m in (1, 16, 37)]
@@ -74,4 +148,4 @@ def cases(ctx: Context) -> list[Case]:
         out.append(Case(FAMILY, "fp8_rowwise_mm", "fwd", f"{name} M={m} N={n} K={k}", "e4m3→bf16",
                         _inputs(ctx, m, n, k), impls, bytes=fp8_bytes, flops=2.0 * m * n * k,
                         formula=formula, peak=PEAK_TFLOPS["fp8"]))  # fmt: skip
-    return out
+    return out + decode_cases(ctx)

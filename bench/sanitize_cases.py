@@ -74,6 +74,25 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         lens = torch.tensor([1, 150, 300], dtype=torch.int32, device=dev)
         ops.decode_attention(q, kc, vc, lens)
 
+    def decode_linear():
+        for m in (1, 3):  # N = 37: a last warp with one live row; K = 760 = 95 16-byte chunks
+            w, h = r(37, 760), r(m, 760)
+            ops.decode_linear(r(m, 760), w)
+            ops.rms_norm_linear(r(m, 760), r(760), 1e-5, w, residual=h)
+            ops.rms_norm_linear(r(m, 760), r(760), 1e-5, w)
+            ops.swiglu_linear(r(m, 2 * 760), w)
+
+    def attention_sm90():
+        os.environ["L3K_FLASH_FWD_SM90"] = "1"  # the opt-in TMA + wgmma forward
+        try:
+            q, k = r(2, 77, 8, 128), r(2, 77, 2, 128)
+            ops.flash_attention(q, k, r(2, 77, 2, 128), causal=True)
+            cu = torch.tensor([0, 13, 77, 127, 154], dtype=torch.int32, device=dev)
+            qp, kp = r(154, 8, 128), r(154, 2, 128)
+            ops.flash_attention(qp, kp, r(154, 2, 128), True, None, cu, 64)
+        finally:
+            del os.environ["L3K_FLASH_FWD_SM90"]
+
     def rope(d: int):
         hq, hkv = 8, 2
         qkv = r(3, 2, (hq + 2 * hkv) * d)
@@ -89,8 +108,10 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         "swiglu_fp8": (("swiglu_fp8_fwd",), lambda: ops.swiglu_fp8(r(37, 760), r(37, 760))),
         "quantize_fp8_rowwise": (("quantize_fp8_rowwise",), lambda: ops.quantize_fp8_rowwise(r(37, 760))),
         "fp8_rowwise_mm": (("fp8_rowwise_mm", "quantize_fp8_rowwise"), gemm),
+        "decode_linear": (("decode_gemv",), decode_linear),
         "flash_attention d128": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(128)),
         "flash_attention d64": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(64)),
+        "flash_attention sm90": (("flash_attn_fwd",), attention_sm90),
         "decode_attention d128": (("decode_attn",), lambda: decode(128)),
         "rope_kv_cache d64": (("rope_kv_cache",), lambda: rope(64)),
     }
@@ -100,12 +121,22 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
 FAMILIES = {
     "norm": ("rms_norm", "rms_norm residual", "rms_norm_fp8", "quantize_fp8_rowwise"),
     "swiglu": ("swiglu", "swiglu_fp8"),
-    "gemm": ("fp8_rowwise_mm",),
-    "attention": ("flash_attention d128", "flash_attention d64", "decode_attention d128", "rope_kv_cache d64"),
+    "gemm": ("fp8_rowwise_mm", "decode_linear"),
+    "attention": (
+        "flash_attention d128",
+        "flash_attention d64",
+        "flash_attention sm90",
+        "decode_attention d128",
+        "rope_kv_cache d64",
+    ),
 }
 # racecheck (shared-memory hazards) is far slower than memcheck: only the kernels that share tiles through
 # shared memory, at these tiny sizes
-RACECHECK = {"attention": ("flash_attention d64", "decode_attention d128"), "norm": ("rms_norm",)}
+RACECHECK = {
+    "attention": ("flash_attention d64", "decode_attention d128"),
+    "norm": ("rms_norm",),
+    "gemm": ("decode_linear",),
+}
 
 
 def run_cases(names: list[str]) -> int:

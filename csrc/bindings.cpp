@@ -35,6 +35,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype"), py::arg("stream"));
   m.def("fp8_rowwise_mm_config", &l3k::fp8_rowwise_mm_config, "tile configuration fp8_rowwise_mm picks for (M, N, K)",
         py::arg("m"), py::arg("n"), py::arg("k"));
+  m.def("decode_gemv", &l3k::decode_gemv,
+        "decode GEMV on 16-bit weights (M <= 4) with a fused prologue: none, rms_norm (+ residual) or swiglu",
+        py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("norm_w"), py::arg("h_out"), py::arg("eps"),
+        py::arg("prologue"), py::arg("w"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype"),
+        py::arg("stream"));
   // ---- end gemm family ---------------------------------------------------------------------------
 
   // ---- attention family: csrc/attention/ ---------------------------------------------------------

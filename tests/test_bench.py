@@ -44,14 +44,14 @@ def test_cpu_run_is_valid_and_labelled(cpu_run):
     assert env["commit"] and env["date"] and "llama3_kernels" in env
     assert [r["family"] for r in rows] == [f for f in cli.FAMILIES for r in rows if r["family"] == f]
     per_family = {f: sum(r["family"] == f for r in rows) for f in cli.FAMILIES}
-    # norm: 2 CPU shapes x 3 modes; swiglu 2 x 2; fp8 2 + 2 + 1; gemm 3 values of M; attention causal and
-    # document x fwd, bwd; decode 2 + rope_kv_cache 2; model train and decode
+    # norm: 2 CPU shapes x 3 modes; swiglu 2 x 2; fp8 2 + 2 + 1; gemm 3 values of M + 2 decode GEMVs; attention
+    # causal and document x fwd, bwd; decode 2 + rope_kv_cache 2; model train and decode
     assert per_family == {
         "ceiling": 2,
         "norm": 6,
         "swiglu": 4,
         "fp8": 5,
-        "gemm": 3,
+        "gemm": 5,
         "attention": 4,
         "decode": 4,
         "model": 2,
@@ -196,7 +196,7 @@ def test_gpu_case_tables_match_the_issue():
     """Full-tier cases build without a GPU; shapes and FLOP counts are the issue's."""
     from llama3_kernels.bench import bench_decode, bench_fp8, bench_norm, bench_swiglu
 
-    counts = {bench_norm: 9, bench_swiglu: 4, bench_fp8: 7, bench_gemm: 40, bench_attention: 8, bench_decode: 5}
+    counts = {bench_norm: 9, bench_swiglu: 4, bench_fp8: 7, bench_gemm: 40 + 6, bench_attention: 8, bench_decode: 5}
     for mod, n in counts.items():
         cases = _gpu_cases(mod)
         assert len(cases) == n, mod.FAMILY
@@ -204,10 +204,13 @@ def test_gpu_case_tables_match_the_issue():
             assert sum(i.ours for i in c.impls) >= 1 and any(not i.ours for i in c.impls)
             assert c.formula and (c.bytes or c.flops)
         assert len({c.key for c in cases}) == n  # keys identify rows for the gate
-    gemm = {c.shape: c for c in _gpu_cases(bench_gemm)}
+    gemm = {c.shape: c for c in _gpu_cases(bench_gemm) if c.op == "fp8_rowwise_mm"}
     c = gemm["405B w2 M=8192 N=16384 K=53248"]
     assert c.flops == 2 * 8192 * 16384 * 53248 and c.peak == harness.PEAK_TFLOPS["fp8"]
     assert "1 " not in {s.split("M=")[1].split()[0] for s in gemm} and len({s.split(" M=")[0] for s in gemm}) == 8
+    gemv = [c for c in _gpu_cases(bench_gemm) if c.op == "decode_linear"]
+    assert {c.shape.split(" M=")[0] for c in gemv} >= {"1B norm+lm_head", "8B swiglu+w2"}
+    assert all(c.flops == 2 * int(c.shape.split("N=")[1].split()[0]) * int(c.shape.split("K=")[1]) for c in gemv)
     attn = _gpu_cases(bench_attention)
     causal = [c for c in attn if c.op == "flash_attention causal"]
     assert {c.shape for c in causal} == {f"B={16384 // s} S={s} H=32/8 D=128" for s in (1024, 4096, 16384)}

@@ -16,6 +16,7 @@ import llama3_kernels as l3k
 from llama3_kernels import reference
 from llama3_kernels.ops.attention import decode_attn, flash_attn_bwd, flash_attn_fwd
 from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
+from llama3_kernels.ops.linear import decode_gemv
 from llama3_kernels.ops.norm import rms_norm_bwd, rms_norm_fp8_fwd, rms_norm_fwd
 from llama3_kernels.ops.quant import quantize_fp8_rowwise_fwd
 from llama3_kernels.ops.rope import rope_kv_cache_op
@@ -560,12 +561,78 @@ def test_rope_kv_cache_bad_inputs(kwargs, exc, name):
         l3k.rope_kv_cache(**args)
 
 
+# ------------------------------------------------------------------------------------ decode linears
+def _norm_then_linear(x, g, eps, w, residual=None):
+    """Independent formula: h = x + residual (rounded), rms-normalize in fp32, round, then the product."""
+    h = x if residual is None else (x.double() + residual.double()).to(x.dtype)
+    hd = h.double()
+    a = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * g.double()).to(x.dtype)
+    return (a.double() @ w.double().t()), h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])  # 5: more rows than the GEMV takes, the unfused ops
+def test_decode_linears_match_the_composition(dtype, rows, gen):
+    k, n, f = 48, 20, 40
+    x, h = torch.randn(rows, 1, k, generator=gen).to(dtype), torch.randn(rows, 1, k, generator=gen).to(dtype)
+    g, w = (1 + torch.randn(k, generator=gen)).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+    w2, gate_up = torch.randn(n, f, generator=gen).to(dtype), (2 * torch.randn(rows, 1, 2 * f, generator=gen)).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)  # bf16: a's rounding
+    assert_close(l3k.decode_linear(x, w).double(), x.double() @ w.double().t(), **tol)
+    y, h_new = l3k.rms_norm_linear(x, g, 1e-5, w, residual=h)
+    y_ref, h_ref = _norm_then_linear(x, g, 1e-5, w, h)
+    assert_close(y.double(), y_ref, **tol)
+    assert torch.equal(h_new, h_ref) and h_new.shape == x.shape
+    y, same = l3k.rms_norm_linear(x, g, 1e-5, w)
+    assert_close(y.double(), _norm_then_linear(x, g, 1e-5, w)[0], **tol)
+    assert same is x
+    a = (F.silu(gate_up[..., :f].double()) * gate_up[..., f:].double()).to(dtype)
+    assert_close(l3k.swiglu_linear(gate_up, w2).double(), a.double() @ w2.double().t(), **tol)
+
+
+def test_decode_linears_with_gradients_take_the_differentiable_ops(gen):
+    x, g, w = torch.randn(2, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(8, 16, generator=gen)
+    for t in (x, g, w):
+        t.requires_grad_(True)
+    y, _ = l3k.rms_norm_linear(x, g, 1e-5, w)
+    dx, dg, dw = torch.autograd.grad(y.sum(), (x, g, w))
+    xr, gr, wr = (t.detach().double().requires_grad_(True) for t in (x, g, w))
+    yr = F.linear(xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5) * gr, wr)
+    for got, want in zip((dx, dg, dw), torch.autograd.grad(yr.sum(), (xr, gr, wr))):
+        assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no gradient needed: the fused op (its CPU reference)
+        assert_close(l3k.rms_norm_linear(x, g, 1e-5, w)[0], y.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_decode_gemv_opcheck(gen):
+    x, w, r = torch.randn(3, 24, generator=gen), torch.randn(5, 24, generator=gen), torch.randn(3, 24, generator=gen)
+    g = torch.randn(24, generator=gen)
+    torch.library.opcheck(decode_gemv, (x, w, None, None, 0.0, 0))
+    torch.library.opcheck(decode_gemv, (x, w, r, g, 1e-5, 1))
+    torch.library.opcheck(decode_gemv, (torch.randn(3, 48, generator=gen), w, None, None, 0.0, 2))
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda x, w: l3k.decode_linear(x[:, :10], w), "x"),
+        (lambda x, w: l3k.decode_linear(x, w[0]), "weight"),
+        (lambda x, w: l3k.rms_norm_linear(x, torch.ones(7), 1e-5, w), "x"),
+        (lambda x, w: l3k.rms_norm_linear(x, torch.ones(16), 1e-5, w, residual=x[:1]), "residual"),
+        (lambda x, w: l3k.swiglu_linear(x, w), "gate_up"),
+    ],
+)
+def test_decode_linear_bad_inputs(call, name):
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        call(torch.ones(2, 16), torch.ones(4, 16))
+
+
 # ----------------------------------------------------------------------------------------------- info
 def test_info_is_honest():
     report = l3k.info()
     assert set(report["cuda_ops"]) == {
         "rms_norm", "rms_norm_fp8", "swiglu", "swiglu_fp8", "quantize_fp8_rowwise", "fp8_rowwise_mm",
-        "flash_attention", "decode_attention", "rope_kv_cache",
+        "flash_attention", "decode_attention", "rope_kv_cache", "decode_linear", "rms_norm_linear", "swiglu_linear",
     }  # fmt: skip
     if not torch.cuda.is_available():
         assert all(path.startswith("reference") for path in report["cuda_ops"].values())

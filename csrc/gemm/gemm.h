@@ -1,5 +1,6 @@
-// Launchers of the gemm family (FP8 row-wise GEMM). Pointers and the stream are device addresses as integers.
+// Launchers of the gemm family (FP8 row-wise GEMM, 16-bit decode GEMV). Pointers and the stream are device addresses as integers.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -16,5 +17,16 @@ void fp8_rowwise_mm(std::uintptr_t xq, std::uintptr_t x_scale, std::uintptr_t wq
 
 // Name of the tile configuration fp8_rowwise_mm runs for this problem (for tests and benches).
 std::string fp8_rowwise_mm_config(std::int64_t m, std::int64_t n, std::int64_t k);
+
+// Decode GEMV, 16-bit weights, 1..kDecodeGemvMaxM rows: y [M, N] = a · wᵀ with w [N, K] row-major and
+// a = prologue(x) rounded to the dtype: 0 a = x [M, K]; 1 a = rms_norm(h) · norm_w with h = x (+ residual [M, K],
+// rounded; written to h_out [M, K] when h_out != 0), eps; 2 a = silu(x[:, :K]) · x[:, K:2K]. x rows are x_stride
+// elements apart; residual, h_out, y are contiguous; every pointer 16-byte aligned, K a multiple of 8 and M·K·2 bytes
+// at most kDecodeGemvMaxSmem (a is staged in shared memory). Throws std::invalid_argument naming the argument.
+constexpr int kDecodeGemvMaxM = 4;
+constexpr std::size_t kDecodeGemvMaxSmem = 160 * 1024;
+void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
+                 std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
+                 int k, int dtype, std::uintptr_t stream);
 
 }  // namespace l3k

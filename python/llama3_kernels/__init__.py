@@ -7,27 +7,33 @@ CUDA path runs the compiled kernel from `llama3_kernels._C` when it was built; `
 from llama3_kernels.info import info
 from llama3_kernels.ops import (
     decode_attention,
+    decode_linear,
     flash_attention,
     fp8_rowwise_mm,
     quantize_fp8_rowwise,
     rms_norm,
     rms_norm_fp8,
+    rms_norm_linear,
     rope_kv_cache,
     swiglu,
     swiglu_fp8,
+    swiglu_linear,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "decode_attention",
+    "decode_linear",
     "flash_attention",
     "fp8_rowwise_mm",
     "info",
     "quantize_fp8_rowwise",
     "rms_norm",
     "rms_norm_fp8",
+    "rms_norm_linear",
     "rope_kv_cache",
     "swiglu",
     "swiglu_fp8",
+    "swiglu_linear",
 ]

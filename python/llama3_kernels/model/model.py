@@ -62,6 +62,14 @@ class Attention(nn.Module):
             self.wqkv = _stacked_linear(self.wq, self.wk, self.wv)  # [(Hq + 2 Hkv) D, dim]
             self.wq = self.wk = self.wv = None
 
+    def decode_from_qkv(self, qkv: Tensor, rot: Tensor, positions: Tensor, cache_seqlens: Tensor) -> Tensor:
+        """Fused decode from the fused projection's output qkv [B, S, (Hq + 2 Hkv) D]: RoPE on q and k with both
+        cache writes in one op, attention over the cache, then wo (the decode GEMV for a few rows)."""
+        b, s, _ = qkv.shape
+        q = ops.rope_kv_cache(qkv, rot, positions, self.k_cache, self.v_cache, self.n_heads)
+        out = ops.decode_attention(q, self.k_cache[:b], self.v_cache[:b], cache_seqlens)
+        return ops.decode_linear(out.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight)
+
     def _qkv(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, S, Hq, D] and k [B, S, Hkv, D] rotated, v [B, S, Hkv, D]."""
         b, s, _ = x.shape
@@ -87,10 +95,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         b, s, _ = x.shape
         if self.wqkv is not None and cache_index is not None and cache_seqlens is not None:
-            # fused decode: rotate q and k and append k, v to the cache in one op
-            q = ops.rope_kv_cache(self.wqkv(x), rot, cache_index[1], self.k_cache, self.v_cache, self.n_heads)
-            out = ops.decode_attention(q, self.k_cache[:b], self.v_cache[:b], cache_seqlens)
-            return self.wo(out.reshape(b, s, self.n_heads * self.head_dim))
+            return self.decode_from_qkv(self.wqkv(x), rot, cache_index[1], cache_seqlens)
         q, k, v = self._qkv(x, rot)  # [B, S, Hq, D], [B, S, Hkv, D] x 2
         if cache_index is not None:  # cache[b, positions[b, i]] = k[b, i]: static shapes, graph-capturable
             self.k_cache[cache_index] = k
@@ -143,9 +148,27 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, delta: Tensor | None, h: Tensor, *attn_args) -> tuple[Tensor, Tensor]:
+        rot, cache_index, _, _, _, cache_seqlens = attn_args
+        if cache_seqlens is not None and cache_index is not None and self.attention.wqkv is not None:
+            return self._decode(delta, h, rot, cache_index[1], cache_seqlens)
         x, h = (self.attention_norm(h), h) if delta is None else self.attention_norm(delta, h)
         delta = self.attention(x, *attn_args)
         x, h = self.ffn_norm(delta, h)
+        return self.feed_forward(x), h
+
+    def _decode(self, delta, h, rot, positions, cache_seqlens) -> tuple[Tensor, Tensor]:
+        """A decode step of a fused model: each norm and the SwiGLU run inside the GEMV that consumes them
+        (ops.rms_norm_linear / swiglu_linear), 6 kernels a layer for a few rows. Same values as forward's path."""
+        att, ff, norm = self.attention, self.feed_forward, self.attention_norm
+        if delta is None:
+            qkv, h = ops.rms_norm_linear(h, norm.weight, norm.eps, att.wqkv.weight)
+        else:
+            qkv, h = ops.rms_norm_linear(delta, norm.weight, norm.eps, att.wqkv.weight, residual=h)
+        delta = att.decode_from_qkv(qkv, rot, positions, cache_seqlens)
+        if type(self.ffn_norm) is RMSNorm and isinstance(ff, FeedForward) and ff.w13 is not None:
+            gate_up, h = ops.rms_norm_linear(delta, self.ffn_norm.weight, self.ffn_norm.eps, ff.w13.weight, h)
+            return ops.swiglu_linear(gate_up, ff.w2.weight), h
+        x, h = self.ffn_norm(delta, h)  # FP8 FFN (quantize_model_fp8): its own fused norm + quantization
         return self.feed_forward(x), h
 
 
@@ -305,5 +328,8 @@ class Transformer(nn.Module):
         if last_index is not None:
             rows = torch.arange(b, device=tokens.device)
             delta, h = delta[rows, last_index].unsqueeze(1), h[rows, last_index].unsqueeze(1)  # [B, 1, dim]
-        x, _ = self.norm(delta, h)
+        if cache_seqlens is not None:  # decode: the final norm inside the LM head's GEMV
+            head = self.output.weight if self.output is not None else self.tok_embeddings.weight
+            return ops.rms_norm_linear(delta, self.norm.weight, self.norm.eps, head, residual=h)[0]
+        x, _ = self.norm(delta, h)  # modules called as such: FSDP2 gathers their weights in forward hooks
         return self.output(x) if self.output is not None else F.linear(x, self.tok_embeddings.weight)

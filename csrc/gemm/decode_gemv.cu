@@ -1,0 +1,298 @@
+// Decode GEMV for 16-bit weights (M <= 4 tokens) with the layer's preceding elementwise op fused in as a prologue:
+//   y[m, n] = Σ_k a[m, k] · w[n, k],  a = x  |  rms_norm(x (+ residual)) · norm_w  |  silu(gate) · up.
+//
+// Why: a batch-1 decode step of a small model is a chain of short kernels (per layer: norm, qkv GEMV, RoPE + cache,
+// attention, o GEMV, norm, w13 GEMV, SwiGLU, w2 GEMV), each paying a launch and a ramp-up on an almost idle GPU.
+// Folding each norm and the SwiGLU into the GEMV that consumes it removes three of them a layer. The prologue is
+// tiny (a row of a few thousand elements), so every CTA recomputes it into shared memory (from L2) instead of
+// waiting for a separate kernel; CTA 0 also writes the new residual stream h. The weight loads of the first step
+// are issued before the prologue, so they are in flight while it runs.
+//
+// Layout as fp8_gemv.cu: a warp owns two weight rows and streams them in 16-byte chunks (8 elements), 8 warps a
+// CTA, N / 16 CTAs. Products accumulate in fp32 per lane, then a shuffle tree. `a` is rounded to the weight dtype
+// before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "gemm/gemm.h"
+
+namespace l3k {
+namespace {
+
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 2, kRowsPerCta = kWarps * kRowsPerWarp;
+constexpr int kVec = 8;  // 16-bit elements per 16-byte chunk
+enum Prologue : int { kNone = 0, kRmsNorm = 1, kSwiglu = 2 };
+
+struct Params {
+  const void* x;         // [M, x_stride]: a's input (swiglu: gate in columns 0..K-1, up in K..2K-1)
+  int64_t x_stride;      // elements between rows of x
+  const void* residual;  // [M, K] or nullptr (rms_norm prologue)
+  const void* norm_w;    // [K] (rms_norm prologue)
+  void* h_out;           // [M, K] or nullptr: x + residual, written by CTA 0
+  float eps;
+  const void* w;  // [N, K]
+  void* y;        // [M, N]
+  int n, k;
+};
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// 8 elements of a 16-byte chunk
+template <typename T>
+union Chunk {
+  uint4 raw;
+  T v[kVec];
+};
+
+// a = prologue(x) into shared memory as T, [M][K]. Ends with __syncthreads. A thread takes chunks tid, tid + 256,
+// ... of each row, kBatch of them at a time with every load issued before the first store (a store to h_out could
+// alias x as far as the compiler knows, which would serialize one L2 round trip per chunk).
+constexpr int kBatch = 4;
+
+template <typename T, int M, int P>
+__device__ __forceinline__ void prologue(const Params& p, T* xs) {
+  const int chunks = p.k / kVec;
+  float sumsq[M] = {};
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const uint4* x4 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.x_stride);
+    const uint4* up4 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.x_stride + p.k);
+    const uint4* r4 = p.residual ? reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + int64_t(m) * p.k)
+                                 : nullptr;
+    uint4* h4 = (P == kRmsNorm && p.residual && p.h_out && blockIdx.x == 0)
+                    ? reinterpret_cast<uint4*>(static_cast<T*>(p.h_out) + int64_t(m) * p.k)
+                    : nullptr;
+    uint4* s4 = reinterpret_cast<uint4*>(xs + int64_t(m) * p.k);
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += kBatch * kThreads) {
+      Chunk<T> a[kBatch], b[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {  // loads first
+        const int c = c0 + j * kThreads;
+        if (c < chunks) {
+          a[j].raw = x4[c];
+          if (P == kSwiglu) b[j].raw = up4[c];
+          if (P == kRmsNorm && r4 != nullptr) b[j].raw = r4[c];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int c = c0 + j * kThreads;
+        if (c >= chunks) break;
+        if constexpr (P == kSwiglu) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float g = to_f(a[j].v[e]);
+            a[j].v[e] = from_f<T>(__fdividef(g, 1.f + __expf(-g)) * to_f(b[j].v[e]));
+          }
+        } else if constexpr (P == kRmsNorm) {
+          if (r4 != nullptr) {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) a[j].v[e] = from_f<T>(to_f(a[j].v[e]) + to_f(b[j].v[e]));
+            if (h4 != nullptr) h4[c] = a[j].raw;
+          }
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) sumsq[m] = fmaf(to_f(a[j].v[e]), to_f(a[j].v[e]), sumsq[m]);
+        }
+        s4[c] = a[j].raw;  // rms_norm: h for now; the same thread rescales it below
+      }
+    }
+  }
+  if constexpr (P == kRmsNorm) {
+    __shared__ float red[kWarps][M];
+    __shared__ float rstd[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float s = sumsq[m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (threadIdx.x % 32 == 0) red[threadIdx.x / 32][m] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += red[w][threadIdx.x];
+      rstd[threadIdx.x] = rsqrtf(s / float(p.k) + p.eps);
+    }
+    __syncthreads();
+    const uint4* g4 = static_cast<const uint4*>(p.norm_w);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      uint4* s4 = reinterpret_cast<uint4*>(xs + int64_t(m) * p.k);
+      const float r = rstd[m];
+      for (int c = threadIdx.x; c < chunks; c += kThreads) {  // the chunks this thread wrote above
+        Chunk<T> h, g;
+        h.raw = s4[c];
+        g.raw = __ldg(g4 + c);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) h.v[e] = from_f<T>(to_f(h.v[e]) * r * to_f(g.v[e]));
+        s4[c] = h.raw;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T, int M, int P>
+__global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
+  constexpr int R = kRowsPerWarp, U = M <= 2 ? 4 : 2;  // chunks of each row in flight per lane
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = (blockIdx.x * kWarps + warp) * R;
+  const int chunks = p.k / kVec;
+  const uint4* w4 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + int64_t(row0) * p.k);
+  bool live[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) live[r] = row0 + r < p.n;
+
+  uint4 wv[U][R];
+  auto load_step = [&](int c0) {  // every weight load of a step first, then the math
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (c < chunks && live[r]) wv[u][r] = __ldg(w4 + int64_t(r) * chunks + c);
+    }
+  };
+  load_step(lane);  // in flight while the prologue runs: the weights do not depend on it
+  prologue<T, M, P>(p, xs);
+
+  float acc[M][R] = {};
+  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+    if (c0 != lane) load_step(c0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= chunks) break;
+      float xf[M][kVec];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        Chunk<T> xc;
+        xc.raw = reinterpret_cast<const uint4*>(xs + int64_t(m) * p.k)[c];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) xf[m][e] = to_f(xc.v[e]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (!live[r]) continue;
+        Chunk<T> wc;
+        wc.raw = wv[u][r];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float wf = to_f(wc.v[e]);
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m][r] = fmaf(wf, xf[m][e], acc[m][r]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
+  if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
+    const int m = lane / R, r = lane % R;
+    float sum = 0.f;
+#pragma unroll
+    for (int mm = 0; mm < M; ++mm)
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr)
+        if (mm == m && rr == r) sum = acc[mm][rr];
+    if (row0 + r < p.n) static_cast<T*>(p.y)[int64_t(m) * p.n + row0 + r] = from_f<T>(sum);
+  }
+}
+
+// Shared memory above the default 48 KB needs an opt-in per kernel and device (once each).
+template <typename T, int M, int P>
+void launch(const Params& p, int m, cudaStream_t stream) {
+  (void)m;
+  auto kernel = decode_gemv_kernel<T, M, P>;
+  const size_t smem = size_t(M) * p.k * sizeof(T);
+  if (smem > 48 * 1024) {
+    static std::atomic<uint64_t> opted_in{0};
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "decode_gemv: cudaGetDevice");
+    const uint64_t bit = uint64_t(1) << (device % 64);
+    if (!(opted_in.load() & bit)) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDecodeGemvMaxSmem)),
+                 "decode_gemv: shared memory opt-in");
+      opted_in.fetch_or(bit);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerCta - 1) / kRowsPerCta));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  L3K_CHECK_LAUNCH("decode_gemv_kernel");
+}
+
+template <typename T, int P>
+void dispatch_m(const Params& p, int m, cudaStream_t s) {
+  switch (m) {
+    case 1: return launch<T, 1, P>(p, m, s);
+    case 2: return launch<T, 2, P>(p, m, s);
+    case 3: return launch<T, 3, P>(p, m, s);
+    default: return launch<T, 4, P>(p, m, s);
+  }
+}
+
+template <typename T>
+void dispatch_prologue(const Params& p, int prologue, int m, cudaStream_t s) {
+  switch (prologue) {
+    case kNone: return dispatch_m<T, kNone>(p, m, s);
+    case kRmsNorm: return dispatch_m<T, kRmsNorm>(p, m, s);
+    default: return dispatch_m<T, kSwiglu>(p, m, s);
+  }
+}
+
+bool aligned16(std::uintptr_t a) { return a % 16 == 0; }
+
+}  // namespace
+
+void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
+                 std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
+                 int k, int dtype, std::uintptr_t stream) {
+  const DType dt = to_dtype(dtype, "dtype");
+  require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
+  require(prologue >= kNone && prologue <= kSwiglu, "prologue", "expected 0 (none), 1 (rms_norm) or 2 (swiglu)");
+  require(m >= 1 && m <= kDecodeGemvMaxM, "M", "the decode GEMV takes 1.." + std::to_string(kDecodeGemvMaxM) +
+                                                   " rows, got " + std::to_string(m));
+  require(n >= 1, "N", "expected at least one weight row, got " + std::to_string(n));
+  require(k >= kVec && k % kVec == 0, "K", "expected a positive multiple of 8, got " + std::to_string(k));
+  require(size_t(m) * k * 2 <= kDecodeGemvMaxSmem, "K",
+          "M x K of the staged input exceeds " + std::to_string(kDecodeGemvMaxSmem) + " bytes of shared memory");
+  require(x_stride >= (prologue == kSwiglu ? 2 * int64_t(k) : int64_t(k)) && x_stride % kVec == 0, "x_stride",
+          "rows of x must hold the input (2K for swiglu) and start 16-byte aligned");
+  require(aligned16(x) && aligned16(w) && aligned16(y) && aligned16(residual) && aligned16(h_out), "x",
+          "x, w, y, residual and h_out must be 16-byte aligned");
+  require(prologue != kRmsNorm || (norm_w != 0 && aligned16(norm_w)), "norm_w",
+          "the rms_norm prologue needs a 16-byte aligned norm weight");
+  require(residual == 0 || prologue == kRmsNorm, "residual", "only the rms_norm prologue takes a residual");
+  Params p{as_ptr<const void>(x), x_stride, as_ptr<const void>(residual), as_ptr<const void>(norm_w),
+           as_ptr<void>(h_out), eps, as_ptr<const void>(w), as_ptr<void>(y), n, k};
+  if (dt == DType::BF16) return dispatch_prologue<__nv_bfloat16>(p, prologue, m, as_stream(stream));
+  dispatch_prologue<__half>(p, prologue, m, as_stream(stream));
+}
+
+}  // namespace l3k

@@ -1,0 +1,168 @@
+"""Linear layers for decode (a few token rows) with the op before them fused in: csrc/gemm/decode_gemv.cu.
+
+    decode_linear(x, w)                         = x @ wᵀ
+    rms_norm_linear(x, g, eps, w, residual)     = rms_norm(x (+ residual)) @ wᵀ, and the new residual stream
+    swiglu_linear(gate_up, w)                   = swiglu(gate_up) @ wᵀ
+
+Each equals the composition of this library's ops with F.linear (the norm or SwiGLU output rounded to the dtype
+before the product), which is also what runs whenever the kernel does not apply: more than 4 rows, gradients
+needed, a CPU tensor, mismatched dtypes, or an input too long to stage in shared memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama3_kernels import reference
+from llama3_kernels.ops._common import (
+    DTYPE_CODES,
+    HALF_DTYPES,
+    check_tensor,
+    kernel,
+    on_input_device,
+    ptr,
+    rows_view,
+    stream,
+    use_cuda_kernel,
+)
+from llama3_kernels.ops.norm import rms_norm
+from llama3_kernels.ops.swiglu import swiglu
+
+NONE, RMS_NORM, SWIGLU = 0, 1, 2  # prologue codes of the launcher
+MAX_ROWS = 4
+MAX_STAGED_BYTES = 160 * 1024  # a (M x K, 16-bit) is staged in shared memory
+
+
+def _ref(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int):
+    k = w.shape[1]
+    h = x.new_empty(0)
+    if prologue == RMS_NORM:
+        a, h_new, _ = reference.rms_norm(x, norm_weight, eps, residual)
+        h = h if h_new is None else h_new
+    elif prologue == SWIGLU:
+        a = reference.swiglu(x[:, :k], x[:, k : 2 * k])
+    else:
+        a = x
+    return (a.float() @ w.float().t()).to(x.dtype), h.contiguous()
+
+
+@torch.library.custom_op("llama3_kernels::decode_gemv", mutates_args=())
+def decode_gemv(
+    x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int
+) -> tuple[Tensor, Tensor]:
+    """x [M, Kx] rows (unit last stride), w [N, K]. Returns (y [M, N], h [M, K] for rms_norm with a residual, else
+    an empty tensor). prologue: 0 none (Kx = K), 1 rms_norm (x + residual, weight norm_weight [K]), 2 swiglu
+    (Kx >= 2K: gate in columns 0..K-1, up in K..2K-1)."""
+    return _ref(x, w, residual, norm_weight, eps, prologue)
+
+
+def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
+    m, k = x.shape[0], w.shape[1]
+    return (
+        1 <= m <= MAX_ROWS
+        and x.dtype in HALF_DTYPES
+        and all(t is None or t.dtype == x.dtype for t in (w, residual, norm_weight))
+        and k % 8 == 0
+        and m * k * 2 <= MAX_STAGED_BYTES
+        and x.stride(0) % 8 == 0
+        and w.is_contiguous()
+        and (residual is None or residual.is_contiguous())
+        and (norm_weight is None or norm_weight.is_contiguous())
+        and use_cuda_kernel("decode_gemv", x, w, residual, norm_weight)
+    )
+
+
+@decode_gemv.register_kernel("cuda")
+@on_input_device
+def _decode_gemv_cuda(x, w, residual, norm_weight, eps, prologue):
+    if not _kernel_applies(x, w, residual, norm_weight, prologue):
+        return _ref(x, w, residual, norm_weight, eps, prologue)
+    m, (n, k) = x.shape[0], w.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    h = torch.empty((m, k) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    kernel("decode_gemv")(
+        ptr(x), x.stride(0), ptr(residual), ptr(norm_weight), ptr(h) if residual is not None else 0, float(eps),
+        int(prologue), ptr(w), ptr(y), m, n, k, DTYPE_CODES[x.dtype], stream(x),
+    )  # fmt: skip
+    return y, h
+
+
+@decode_gemv.register_fake
+def _(x, w, residual, norm_weight, eps, prologue):
+    h_shape = (x.shape[0], w.shape[1]) if prologue == RMS_NORM and residual is not None else (0,)
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty(h_shape)
+
+
+def _fused(*tensors: Tensor | None) -> bool:
+    """The custom op (no autograd) serves few-row calls that need no gradient."""
+    rows = tensors[0].numel() // max(tensors[0].shape[-1], 1)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return 1 <= rows <= MAX_ROWS and not needs_grad
+
+
+def _check(name: str, x: Tensor, w: Tensor) -> None:
+    check_tensor(name, x, min_ndim=1)
+    check_tensor("weight", w, ndim=2)
+    if x.device != w.device:
+        raise ValueError(f"weight: expected device {x.device} (like {name}), got {w.device}")
+
+
+def decode_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T for x [..., K] and weight [N, K] (no bias): the decode GEMV for up to 4 rows, else F.linear.
+
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    _check("x", x, weight)
+    if not _fused(x, weight):
+        return F.linear(x, weight)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dim {weight.shape[1]} (weight's K), got {x.shape[-1]}")
+    y, _ = decode_gemv(rows_view("x", x), weight, None, None, 0.0, NONE)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm_linear(
+    x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """rms_norm(x (+ residual), norm_weight, eps) @ weight.T, fused for up to 4 rows.
+
+    Returns:
+        (y [..., N], h): h is the updated residual stream x + residual, or x itself without a residual.
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    _check("x", x, weight)
+    if not _fused(x, norm_weight, weight, residual):
+        if residual is None:
+            return F.linear(rms_norm(x, norm_weight, eps), weight), x
+        y, h = rms_norm(x, norm_weight, eps, residual)
+        return F.linear(y, weight), h
+    k = weight.shape[1]
+    if x.shape[-1] != k or norm_weight.shape != (k,):
+        raise ValueError(f"x: expected last dim {k} and norm_weight [{k}] (weight's K), got {x.shape[-1]}, "
+                         f"{tuple(norm_weight.shape)}")  # fmt: skip
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
+    r2 = rows_view("residual", residual).contiguous() if residual is not None else None
+    y, h = decode_gemv(rows_view("x", x), weight, r2, norm_weight, float(eps), RMS_NORM)
+    y = y.view(*x.shape[:-1], weight.shape[0])
+    return y, (h.view(x.shape) if residual is not None else x)
+
+
+def swiglu_linear(gate_up: Tensor, weight: Tensor) -> Tensor:
+    """swiglu(gate_up) @ weight.T with gate_up [..., 2F] (gate first) and weight [N, F], fused for up to 4 rows.
+
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    _check("gate_up", gate_up, weight)
+    if not _fused(gate_up, weight):
+        return F.linear(swiglu(gate_up), weight)
+    f = weight.shape[1]
+    if gate_up.shape[-1] != 2 * f:
+        raise ValueError(f"gate_up: expected last dim {2 * f} (twice weight's K), got {gate_up.shape[-1]}")
+    y, _ = decode_gemv(rows_view("gate_up", gate_up), weight, None, None, 0.0, SWIGLU)
+    return y.view(*gate_up.shape[:-1], weight.shape[0])
