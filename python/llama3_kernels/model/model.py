@@ -232,9 +232,10 @@ class Transformer(nn.Module):
     def fuse_projections(self) -> Transformer:
         """Inference: per layer one [wq; wk; wv] GEMM and one [w1; w3] GEMM, RoPE on q and k in one pass.
 
-        A batch-1 decode step then launches 10 fewer kernels per layer (3 GEMMs, and RoPE with the two cache
-        writes as one `rope_kv_cache` kernel), which is what a CUDA-graph decode pays for at ~2-4 us a kernel
-        and ~10 us a small GEMM. The state dict then holds wqkv / w13 instead of
+        A batch-1 decode step then launches 6 kernels a layer instead of 19: one GEMV for q/k/v and one for
+        w1/w3, RoPE with the two cache writes as one `rope_kv_cache` kernel, and each norm and the SwiGLU inside
+        the GEMV that consumes it (ops.rms_norm_linear / swiglu_linear), which is what a CUDA-graph decode pays
+        for at a few us a kernel. The state dict then holds wqkv / w13 instead of
         wq, wk, wv / w1, w3: fuse after loading weights (`quantize_model_fp8` takes a fused model too), and do
         not train a fused model. Idempotent; returns self.
         """
