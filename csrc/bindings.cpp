@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C, m) {
         "decode GEMV on 16-bit weights (M <= 4) with a fused prologue: none, rms_norm (+ residual) or swiglu",
         py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("norm_w"), py::arg("h_out"), py::arg("eps"),
         py::arg("prologue"), py::arg("w"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("num_sms"), py::arg("stream"));
   // ---- end gemm family ---------------------------------------------------------------------------
 
   // ---- attention family: csrc/attention/ ---------------------------------------------------------

@@ -9,12 +9,14 @@
 // are issued before the prologue, so they are in flight while it runs.
 //
 // Layout as fp8_gemv.cu: a warp owns two weight rows and streams them in 16-byte chunks (8 elements), 8 warps a
-// CTA, N / 16 CTAs. Products accumulate in fp32 per lane, then a shuffle tree. `a` is rounded to the weight dtype
+// CTA, 16-row blocks; at most as many CTAs as fit at once, each walking blocks after one prologue (the LM head has
+// 8016 blocks). Products accumulate in fp32 per lane, then a shuffle tree. `a` is rounded to the weight dtype
 // before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <string>
@@ -157,13 +159,18 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = (blockIdx.x * kWarps + warp) * R;
   const int chunks = p.k / kVec;
-  const uint4* w4 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + int64_t(row0) * p.k);
-  bool live[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) live[r] = row0 + r < p.n;
+  const int blocks = (p.n + kRowsPerCta - 1) / kRowsPerCta;  // 16-row blocks; a CTA takes every gridDim.x-th
 
+  int row0 = 0;
+  const uint4* w4 = nullptr;
+  bool live[R];
+  auto select_block = [&](int blk) {
+    row0 = (blk * kWarps + warp) * R;
+    w4 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + int64_t(row0) * p.k);
+#pragma unroll
+    for (int r = 0; r < R; ++r) live[r] = row0 + r < p.n;
+  };
   uint4 wv[U][R];
   auto load_step = [&](int c0) {  // every weight load of a step first, then the math
 #pragma unroll
@@ -174,95 +181,103 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
         if (c < chunks && live[r]) wv[u][r] = __ldg(w4 + int64_t(r) * chunks + c);
     }
   };
+  select_block(blockIdx.x);
   load_step(lane);  // in flight while the prologue runs: the weights do not depend on it
   prologue<T, M, P>(p, xs);
 
-  float acc[M][R] = {};
-  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-    if (c0 != lane) load_step(c0);
+  for (int blk = blockIdx.x; blk < blocks; blk += gridDim.x) {  // the prologue is paid once per CTA
+    if (blk != int(blockIdx.x)) {
+      select_block(blk);
+      load_step(lane);
+    }
+    float acc[M][R] = {};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+      if (c0 != lane) load_step(c0);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
-      if (c >= chunks) break;
-      float xf[M][kVec];
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= chunks) break;
+        float xf[M][kVec];
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        Chunk<T> xc;
-        xc.raw = reinterpret_cast<const uint4*>(xs + int64_t(m) * p.k)[c];
+        for (int m = 0; m < M; ++m) {
+          Chunk<T> xc;
+          xc.raw = reinterpret_cast<const uint4*>(xs + int64_t(m) * p.k)[c];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) xf[m][e] = to_f(xc.v[e]);
-      }
+          for (int e = 0; e < kVec; ++e) xf[m][e] = to_f(xc.v[e]);
+        }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (!live[r]) continue;
-        Chunk<T> wc;
-        wc.raw = wv[u][r];
+        for (int r = 0; r < R; ++r) {
+          if (!live[r]) continue;
+          Chunk<T> wc;
+          wc.raw = wv[u][r];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          const float wf = to_f(wc.v[e]);
+          for (int e = 0; e < kVec; ++e) {
+            const float wf = to_f(wc.v[e]);
 #pragma unroll
-          for (int m = 0; m < M; ++m) acc[m][r] = fmaf(wf, xf[m][e], acc[m][r]);
+            for (int m = 0; m < M; ++m) acc[m][r] = fmaf(wf, xf[m][e], acc[m][r]);
+          }
         }
       }
     }
-  }
-
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
-  if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
-    const int m = lane / R, r = lane % R;
-    float sum = 0.f;
+        for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
+    if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
+      const int m = lane / R, r = lane % R;
+      float sum = 0.f;
 #pragma unroll
-    for (int mm = 0; mm < M; ++mm)
+      for (int mm = 0; mm < M; ++mm)
 #pragma unroll
-      for (int rr = 0; rr < R; ++rr)
-        if (mm == m && rr == r) sum = acc[mm][rr];
-    if (row0 + r < p.n) static_cast<T*>(p.y)[int64_t(m) * p.n + row0 + r] = from_f<T>(sum);
+        for (int rr = 0; rr < R; ++rr)
+          if (mm == m && rr == r) sum = acc[mm][rr];
+      if (row0 + r < p.n) static_cast<T*>(p.y)[int64_t(m) * p.n + row0 + r] = from_f<T>(sum);
+    }
   }
 }
 
-// Shared memory above the default 48 KB needs an opt-in per kernel and device (once each).
+// Opts every instantiation in to the shared memory limit once per device (its static red/rstd arrays count too,
+// so even exactly 48 KB of dynamic memory needs it), then a grid of at most the CTAs that fit at once: each CTA
+// computes the prologue once and walks its 16-row blocks.
 template <typename T, int M, int P>
-void launch(const Params& p, int m, cudaStream_t stream) {
-  (void)m;
+void launch(const Params& p, int num_sms, cudaStream_t stream) {
   auto kernel = decode_gemv_kernel<T, M, P>;
   const size_t smem = size_t(M) * p.k * sizeof(T);
-  if (smem > 48 * 1024) {
-    static std::atomic<uint64_t> opted_in{0};
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "decode_gemv: cudaGetDevice");
-    const uint64_t bit = uint64_t(1) << (device % 64);
-    if (!(opted_in.load() & bit)) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDecodeGemvMaxSmem)),
-                 "decode_gemv: shared memory opt-in");
-      opted_in.fetch_or(bit);
-    }
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "decode_gemv: cudaGetDevice");
+  const uint64_t bit = uint64_t(1) << (device % 64);
+  if (!(opted_in.load() & bit)) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDecodeGemvMaxSmem)),
+               "decode_gemv: shared memory opt-in");
+    opted_in.fetch_or(bit);
   }
-  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerCta - 1) / kRowsPerCta));
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), "occupancy query");
+  const int blocks = (p.n + kRowsPerCta - 1) / kRowsPerCta;
+  const dim3 grid(static_cast<unsigned>(std::min(blocks, num_sms * std::max(per_sm, 1))));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   L3K_CHECK_LAUNCH("decode_gemv_kernel");
 }
 
 template <typename T, int P>
-void dispatch_m(const Params& p, int m, cudaStream_t s) {
+void dispatch_m(const Params& p, int m, int num_sms, cudaStream_t s) {
   switch (m) {
-    case 1: return launch<T, 1, P>(p, m, s);
-    case 2: return launch<T, 2, P>(p, m, s);
-    case 3: return launch<T, 3, P>(p, m, s);
-    default: return launch<T, 4, P>(p, m, s);
+    case 1: return launch<T, 1, P>(p, num_sms, s);
+    case 2: return launch<T, 2, P>(p, num_sms, s);
+    case 3: return launch<T, 3, P>(p, num_sms, s);
+    default: return launch<T, 4, P>(p, num_sms, s);
   }
 }
 
 template <typename T>
-void dispatch_prologue(const Params& p, int prologue, int m, cudaStream_t s) {
+void dispatch_prologue(const Params& p, int prologue, int m, int num_sms, cudaStream_t s) {
   switch (prologue) {
-    case kNone: return dispatch_m<T, kNone>(p, m, s);
-    case kRmsNorm: return dispatch_m<T, kRmsNorm>(p, m, s);
-    default: return dispatch_m<T, kSwiglu>(p, m, s);
+    case kNone: return dispatch_m<T, kNone>(p, m, num_sms, s);
+    case kRmsNorm: return dispatch_m<T, kRmsNorm>(p, m, num_sms, s);
+    default: return dispatch_m<T, kSwiglu>(p, m, num_sms, s);
   }
 }
 
@@ -272,7 +287,7 @@ bool aligned16(std::uintptr_t a) { return a % 16 == 0; }
 
 void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
                  std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
-                 int k, int dtype, std::uintptr_t stream) {
+                 int k, int dtype, int num_sms, std::uintptr_t stream) {
   const DType dt = to_dtype(dtype, "dtype");
   require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
   require(prologue >= kNone && prologue <= kSwiglu, "prologue", "expected 0 (none), 1 (rms_norm) or 2 (swiglu)");
@@ -289,10 +304,11 @@ void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residua
   require(prologue != kRmsNorm || (norm_w != 0 && aligned16(norm_w)), "norm_w",
           "the rms_norm prologue needs a 16-byte aligned norm weight");
   require(residual == 0 || prologue == kRmsNorm, "residual", "only the rms_norm prologue takes a residual");
+  require(num_sms >= 1, "num_sms", "expected the device's SM count, got " + std::to_string(num_sms));
   Params p{as_ptr<const void>(x), x_stride, as_ptr<const void>(residual), as_ptr<const void>(norm_w),
            as_ptr<void>(h_out), eps, as_ptr<const void>(w), as_ptr<void>(y), n, k};
-  if (dt == DType::BF16) return dispatch_prologue<__nv_bfloat16>(p, prologue, m, as_stream(stream));
-  dispatch_prologue<__half>(p, prologue, m, as_stream(stream));
+  if (dt == DType::BF16) return dispatch_prologue<__nv_bfloat16>(p, prologue, m, num_sms, as_stream(stream));
+  dispatch_prologue<__half>(p, prologue, m, num_sms, as_stream(stream));
 }
 
 }  // namespace l3k

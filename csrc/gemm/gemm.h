@@ -27,6 +27,6 @@ constexpr int kDecodeGemvMaxM = 4;
 constexpr std::size_t kDecodeGemvMaxSmem = 160 * 1024;
 void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
                  std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
-                 int k, int dtype, std::uintptr_t stream);
+                 int k, int dtype, int num_sms, std::uintptr_t stream);
 
 }  // namespace l3k

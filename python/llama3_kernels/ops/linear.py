@@ -24,6 +24,7 @@ from llama3_kernels.ops._common import (
     on_input_device,
     ptr,
     rows_view,
+    sm_count,
     stream,
     use_cuda_kernel,
 )
@@ -35,7 +36,36 @@ MAX_ROWS = 4
 MAX_STAGED_BYTES = 160 * 1024  # a (M x K, 16-bit) is staged in shared memory
 
 
+def _check_op(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, prologue: int) -> None:
+    if prologue not in (NONE, RMS_NORM, SWIGLU):
+        raise ValueError(f"prologue: expected 0 (none), 1 (rms_norm) or 2 (swiglu), got {prologue}")
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"x: expected x [M, Kx] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    k = w.shape[1]
+    width = 2 * k if prologue == SWIGLU else k
+    if x.shape[1] != width:
+        raise ValueError(f"x: expected {width} columns for w's K = {k} and prologue {prologue}, got {x.shape[1]}")
+    if residual is not None and (prologue != RMS_NORM or residual.shape != (x.shape[0], k)):
+        raise ValueError(f"residual: only the rms_norm prologue takes one, shaped [{x.shape[0]}, {k}]")
+    if prologue == RMS_NORM and (norm_weight is None or norm_weight.shape != (k,)):
+        raise ValueError(f"norm_weight: the rms_norm prologue needs a [{k}] weight")
+
+
+def _prologue(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int):
+    """(a, h) through the library's own ops (kernels on a GPU where they apply): the GEMM input, rounded."""
+    k = w.shape[1]
+    if prologue == RMS_NORM:
+        if residual is None:
+            return rms_norm(x, norm_weight, eps), x.new_empty(0)
+        a, h = rms_norm(x, norm_weight, eps, residual)
+        return a, h.contiguous()
+    if prologue == SWIGLU:
+        return swiglu(x[:, :k], x[:, k : 2 * k]), x.new_empty(0)
+    return x, x.new_empty(0)
+
+
 def _ref(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int):
+    _check_op(x, w, residual, norm_weight, prologue)
     k = w.shape[1]
     h = x.new_empty(0)
     if prologue == RMS_NORM:
@@ -59,14 +89,18 @@ def decode_gemv(
 
 
 def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
-    m, k = x.shape[0], w.shape[1]
+    (m, width), (n, k) = x.shape, w.shape
     return (
         1 <= m <= MAX_ROWS
+        and n >= 1
+        and k >= 8
         and x.dtype in HALF_DTYPES
         and all(t is None or t.dtype == x.dtype for t in (w, residual, norm_weight))
         and k % 8 == 0
         and m * k * 2 <= MAX_STAGED_BYTES
+        and x.stride(1) == 1
         and x.stride(0) % 8 == 0
+        and x.stride(0) >= width
         and w.is_contiguous()
         and (residual is None or residual.is_contiguous())
         and (norm_weight is None or norm_weight.is_contiguous())
@@ -77,14 +111,18 @@ def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
 @decode_gemv.register_kernel("cuda")
 @on_input_device
 def _decode_gemv_cuda(x, w, residual, norm_weight, eps, prologue):
+    _check_op(x, w, residual, norm_weight, prologue)
     if not _kernel_applies(x, w, residual, norm_weight, prologue):
-        return _ref(x, w, residual, norm_weight, eps, prologue)
+        if w.dtype != x.dtype:
+            return _ref(x, w, residual, norm_weight, eps, prologue)
+        a, h = _prologue(x, w, residual, norm_weight, eps, prologue)  # the unfused ops and cuBLAS, in x's dtype
+        return F.linear(a, w), h
     m, (n, k) = x.shape[0], w.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, k) if residual is not None else (0,), dtype=x.dtype, device=x.device)
     kernel("decode_gemv")(
         ptr(x), x.stride(0), ptr(residual), ptr(norm_weight), ptr(h) if residual is not None else 0, float(eps),
-        int(prologue), ptr(w), ptr(y), m, n, k, DTYPE_CODES[x.dtype], stream(x),
+        int(prologue), ptr(w), ptr(y), m, n, k, DTYPE_CODES[x.dtype], sm_count(x.device.index), stream(x),
     )  # fmt: skip
     return y, h
 
