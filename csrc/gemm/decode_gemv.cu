@@ -23,6 +23,8 @@
 
 #include "common.h"
 #include "gemm/gemm.h"
+#include "gemm/gemm_internal.h"
+#include "norm/row.cuh"
 
 namespace l3k {
 namespace {
@@ -44,18 +46,8 @@ struct Params {
   int n, k;
 };
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+using norm::from_f;
+using norm::to_f;
 
 // 8 elements of a 16-byte chunk
 template <typename T>
@@ -219,20 +211,9 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
         }
       }
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
+    const float sum = warp_sum_for_lane(acc, lane);
     if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
       const int m = lane / R, r = lane % R;
-      float sum = 0.f;
-#pragma unroll
-      for (int mm = 0; mm < M; ++mm)
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr)
-          if (mm == m && rr == r) sum = acc[mm][rr];
       if (row0 + r < p.n) static_cast<T*>(p.y)[int64_t(m) * p.n + row0 + r] = from_f<T>(sum);
     }
   }

@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "gemm/gemm_internal.h"
+#include "norm/row.cuh"
 
 namespace l3k {
 namespace {
@@ -42,12 +43,6 @@ __device__ __forceinline__ void e4m3x16_to_float(const uint4& raw, float (&out)[
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 // M tokens, U chunks of each row in flight per lane (more for fewer tokens: x chunks cost registers too).
 template <typename OutT, int M>
@@ -96,23 +91,12 @@ __global__ void __launch_bounds__(kWarps * 32) fp8_gemv_kernel(const uint8_t* __
     }
   }
 
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
+  const float sum = warp_sum_for_lane(acc, lane);
   if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
     const int m = lane / R, r = lane % R, row = row0 + r;
-    float sum = 0.f;
-#pragma unroll
-    for (int mm = 0; mm < M; ++mm)
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr)
-        if (mm == m && rr == r) sum = acc[mm][rr];  // constant indices only: acc stays in registers
     float v = x_scale[m] * (sum * w_scale[row]);
     if (bias != nullptr) v += bias[row];
-    y[int64_t(m) * n + row] = from_float<OutT>(v);
+    y[int64_t(m) * n + row] = norm::from_f<OutT>(v);
   }
 }
 
