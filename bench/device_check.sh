@@ -6,13 +6,13 @@
 #   1. Here, first:   bash bench/fetch_wheels.sh        (wheels into .whl/, and .whl/COMMIT = HEAD; commit first,
 #                                                       so the results name a commit that exists)
 #   2. The tool call, nothing else on the machine before it (no probing call: each start costs minutes):
-#        run(command='bash bench/device_check.sh "$OUT"', carry=[".whl"], timeout_s=560)
+#        run(command='bash bench/device_check.sh "$OUT"', carry=[".whl"], timeout_s=590)
 #      (kind left out: an H100, or an H200 if none opens; the GPU's name goes into every file name and row)
 #      Faster (what the 2026-11-27 session did): build here first with `bash bench/build_cp312.sh` and
 #      `make -C dev/attention`, then
-#        run(command='L3K_PREBUILT=1 bash bench/device_check.sh "$OUT"', timeout_s=560, carry=[".whl",
+#        run(command='L3K_PREBUILT=1 bash bench/device_check.sh "$OUT"', timeout_s=590, carry=[".whl",
 #            "python/llama3_kernels/_C.cpython-312-x86_64-linux-gnu.so", "dev/attention/v1_wgmma_fwd",
-#            "dev/attention/v2_wgmma_fwd"])
+#            "dev/attention/v2_wgmma_fwd", "dev/attention/v3_wgmma_bwd"])
 #      A start took ~40 s there; the whole run with the build skipped ~230 s, leaving room for a second call
 #      after a fix (give_back in between: a warm machine's idle time counts).
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
@@ -23,11 +23,15 @@
 #      tests, each sanitizer process, bench); plots.tar.gz one PNG per family. Don't commit those; report
 #      failures from them. Then give_back (unless rerunning at once with L3K_SKIP / L3K_BENCH_ARGS below).
 #
-# Time: phases are capped so the script ends inside L3K_CHECK_BUDGET_S (default 480 s; the 560 s timeout
-# leaves 80 s of slack). Build ≤ 240 s (about 100 s with 16 jobs; none with L3K_PREBUILT=1), tests ∥ sanitizer
-# ≤ 150 s (about 45 s), ncu profile ≤ 60 s, the GEMM tile-order sweep ≤ 60 s, the step trace ≤ 60 s, the dev/attention ladder ≤ 90 s, the bench gets the rest: this project's rows and the eager/library peers first, the compiled peers (torch.compile,
-# FlexAttention) in a second pass, each impl capped at 90 s; the bench rewrites its JSON and markdown after
-# every row, so a cut leaves every finished row. A failing phase never stops the next one.
+# Time: phases are capped so the script ends inside L3K_CHECK_BUDGET_S (default 520 s; the 590 s timeout
+# leaves slack). Build ≤ 240 s (about 100 s with 16 jobs; none with L3K_PREBUILT=1), tests ∥ sanitizer ≤ 150 s
+# (about 45 s), then the bench: this project's rows and the eager/library peers first, the compiled peers
+# (torch.compile, FlexAttention) in a second pass, each impl capped at 90 s; it rewrites its JSON and markdown
+# after every row, so a cut leaves every finished row. It leaves 200 s for the leads after it: ncu profile
+# ≤ 60 s, the GEMM tile-order sweep ≤ 60 s, the step trace ≤ 60 s, the dev/attention ladder ≤ 150 s (caps, not
+# costs; what is left when they start). A failing phase never stops the next one. With more device time, two
+# calls see more: L3K_SKIP=profile,sweep,trace,dev first (the bench gets everything), then
+# L3K_SKIP=build,tests,sanitize,bench (the leads alone).
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
@@ -45,7 +49,7 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOGS=$(mktemp -d /tmp/l3k_logs.XXXX)
 PLOTS=$(mktemp -d /tmp/l3k_plots.XXXX)
 START=$(date +%s)
-BUDGET=${L3K_CHECK_BUDGET_S:-480}
+BUDGET=${L3K_CHECK_BUDGET_S:-520}
 DEADLINE=$((START + BUDGET))
 # offline: pip must never wait on an index or its own version check (each retry costs seconds there)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -184,40 +188,6 @@ wait
 } | tee -a "$SUMMARY"
 snapshot
 
-# Leads for the next change, before the bench takes the rest of the time (L3K_SKIP=profile,dev to drop them):
-# Nsight Compute on the kernels that trail their peers (bench/profile_cases.py), and the standalone Hopper
-# attention ladder (dev/attention: wgmma + TMA forward, not in the extension; its own check and timing).
-NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
-  --section LaunchStats)
-phase profile 60 ncu --clock-control none --target-processes all --launch-count 5 \
-  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel|dkdv_kernel|dq_kernel' "${NCU_SECTIONS[@]}" \
-  "$PY" bench/profile_cases.py
-# the FP8 GEMM's prefill tile order (swizzle x raster) against cuBLASLt on the shapes where it trails
-phase sweep 60 "$PY" bench/sweep_gemm.py
-[[ -f $LOGS/sweep.log ]] && grep -E "M=|ratio" "$LOGS/sweep.log" | head -n 16 | sed 's/^/    /' | tee -a "$SUMMARY"
-# which kernel groups make the end-to-end gap (a train step and a decode step, ours vs plain PyTorch eager)
-phase trace 60 "$PY" bench/profile_step.py
-[[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 40 |
-  sed 's/^/    /' | tee -a "$SUMMARY"
-# shellcheck disable=SC2016  # expanded by the inner bash
-phase dev 90 bash -c '
-  cd dev/attention || exit 1
-  st=0
-  for v in v1_wgmma_fwd v2_wgmma_fwd; do  # short checks first: a hang or wrong values show up in seconds
-    [[ -x $v ]] || make "$v" CUTLASS=/tmp/site/cutlass_library/source || exit 1
-    ./$v --layout-check && timeout 25 ./$v --check-only --max-seqlen 1000
-    rc=$?; echo "== $v short check rc=$rc"; ((rc == 0)) || st=1
-  done
-  for v in v1_wgmma_fwd v2_wgmma_fwd; do
-    timeout 30 ./$v; rc=$?; echo "== $v full check + timing rc=$rc"; ((rc == 0)) || st=1
-  done
-  timeout 30 compute-sanitizer --tool synccheck --error-exitcode 1 ./v2_wgmma_fwd --check-only --max-seqlen 129
-  rc=$?; echo "== v2 synccheck rc=$rc"; ((rc == 0)) || st=1
-  exit $st'
-[[ -f $LOGS/dev.log ]] && grep -iE "tflop|fail|rc=|on nvidia|ERROR SUMMARY" "$LOGS/dev.log" | head -n 30 |
-  cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY"
-snapshot
-
 STEM=$($PY - <<'EOF'
 import datetime, os, re, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -230,8 +200,11 @@ EOF
 [[ -n $STEM ]] || STEM="$(date -u +%F)_unknown_nocommit"
 say "results stem: $STEM"
 # the bench stops starting impls after BENCH_S and caps each impl (a compile included) at 90 s, and at 20 s
-# past its deadline; the phase's own cap is 50 s later still, so the JSON and markdown get written
-BENCH_S=$(($(left) - 60))
+# past its deadline; the phase's own cap is 50 s later still, so the JSON and markdown get written. It leaves
+# LEADS_S for the lead phases after it (none when L3K_SKIP names all four).
+LEADS_S=200
+skipped profile && skipped sweep && skipped trace && skipped dev && LEADS_S=0
+BENCH_S=$(($(left) - 60 - LEADS_S))
 read -r -a BENCH_EXTRA <<<"${L3K_BENCH_ARGS:-}"
 phase bench $((BENCH_S + 50)) "$PY" -m llama3_kernels.cli bench --budget-s "$BENCH_S" --impl-timeout-s 90 \
   --no-progress --json "$OUT_DIR/$STEM.json" --markdown "$OUT_DIR/$STEM.md" --plot "$PLOTS" "${BENCH_EXTRA[@]}"
@@ -248,6 +221,40 @@ for r in doc["rows"]:
             print(f"    ours error: {r['key']}: {x['reason'][:160]}")
 EOF
 fi
+
+# Leads for the next change, after the bench (L3K_SKIP=profile,sweep,trace,dev to drop them):
+# Nsight Compute on the kernels that trail their peers (bench/profile_cases.py), and the standalone Hopper
+# attention ladder (dev/attention: wgmma + TMA forward, not in the extension; its own check and timing).
+NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
+  --section LaunchStats)
+phase profile 60 ncu --clock-control none --target-processes all --launch-count 5 \
+  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel|dkdv_kernel|dq_kernel' "${NCU_SECTIONS[@]}" \
+  "$PY" bench/profile_cases.py
+# the FP8 GEMM's prefill tile order (swizzle x raster) against cuBLASLt on the shapes where it trails
+phase sweep 60 "$PY" bench/sweep_gemm.py
+[[ -f $LOGS/sweep.log ]] && grep -E "M=|ratio" "$LOGS/sweep.log" | head -n 16 | sed 's/^/    /' | tee -a "$SUMMARY"
+# which kernel groups make the end-to-end gap (a train step and a decode step, ours vs plain PyTorch eager)
+phase trace 60 "$PY" bench/profile_step.py
+[[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 40 |
+  sed 's/^/    /' | tee -a "$SUMMARY"
+# shellcheck disable=SC2016  # expanded by the inner bash
+phase dev 150 bash -c '
+  cd dev/attention || exit 1
+  st=0
+  for v in v1_wgmma_fwd v2_wgmma_fwd v3_wgmma_bwd; do  # short checks first: a hang or wrong values show up fast
+    [[ -x $v ]] || make "$v" CUTLASS=/tmp/site/cutlass_library/source || exit 1
+    ./$v --layout-check && timeout 25 ./$v --check-only --max-seqlen 1000
+    rc=$?; echo "== $v short check rc=$rc"; ((rc == 0)) || st=1
+  done
+  for v in v1_wgmma_fwd v2_wgmma_fwd v3_wgmma_bwd; do
+    timeout 40 ./$v; rc=$?; echo "== $v full check + timing rc=$rc"; ((rc == 0)) || st=1
+  done
+  timeout 30 compute-sanitizer --tool synccheck --error-exitcode 1 ./v2_wgmma_fwd --check-only --max-seqlen 129
+  rc=$?; echo "== v2 synccheck rc=$rc"; ((rc == 0)) || st=1
+  exit $st'
+[[ -f $LOGS/dev.log ]] && grep -iE "tflop|fail|rc=|on nvidia|ERROR SUMMARY" "$LOGS/dev.log" | head -n 30 |
+  cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY"
+snapshot
 
 # ------------------------------------------------------------------------------------------ outputs
 say "total: $(($(date +%s) - START)) s of ${BUDGET} s"
