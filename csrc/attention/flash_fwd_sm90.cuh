@@ -182,9 +182,11 @@ struct TileCoord {
 template <class Cfg>
 __device__ __forceinline__ TileCoord tile_coord(FwdParams const& params) {
   TileCoord t;
-  t.m_block = gridDim.x - 1 - blockIdx.x;  // longest causal tiles (highest m_block) are launched first
-  t.head_q = blockIdx.y;
-  t.batch = blockIdx.z;
+  // Grid (Hq, B, m blocks): blocks go out x fastest, so the longest causal tiles (highest m_block) of every head
+  // and sequence go out first, and the short ones fill in at the end.
+  t.m_block = gridDim.z - 1 - blockIdx.z;
+  t.head_q = blockIdx.x;
+  t.batch = blockIdx.y;
   t.head_kv = t.head_q / (params.heads_q / params.heads_kv);
   t.seq_start = params.cu_seqlens ? params.cu_seqlens[t.batch] : 0;
   t.seqlen = params.cu_seqlens ? params.cu_seqlens[t.batch + 1] - t.seq_start : params.seqlen;
@@ -427,7 +429,7 @@ cudaError_t prepare_fwd(void (*kernel)(FwdParams)) {
 
 template <class Cfg>
 void launch_fwd(void (*kernel)(FwdParams), FwdParams const& params, cudaStream_t stream) {
-  dim3 grid(cute::ceil_div(params.seqlen, Cfg::kBlockM), params.heads_q, params.batch);
+  dim3 grid(params.heads_q, params.batch, cute::ceil_div(params.seqlen, Cfg::kBlockM));
   kernel<<<grid, Cfg::kThreads, int(sizeof(typename Cfg::SharedStorage)), stream>>>(params);
 }
 

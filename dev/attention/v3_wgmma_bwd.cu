@@ -165,7 +165,7 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords,
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// dq kernel: grid (ceil(S / 128), Hq, B). Big tiles: q, do of 128 query rows; rings: k, v tiles of 64 keys.
+// dq kernel: grid (Hq, B, ceil(S / 128)). Big tiles: q, do of 128 query rows; rings: k, v tiles of 64 keys.
 // ------------------------------------------------------------------------------------------------------------------
 
 template <class Cfg>
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_kernel(__grid_constant__ 
   using Element = typename Cfg::Element;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
-  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int m_block = gridDim.z - 1 - blockIdx.z, h = blockIdx.x, b = blockIdx.y;  // longest tiles first
   const int hkv = h / (p.heads_q / p.heads_kv), S = p.seqlen;
   const int row0 = m_block * Cfg::kBig;
   const int n_tiles = cute::ceil_div(std::min(S, row0 + Cfg::kBig), int(Cfg::kSmall));  // key tiles 0 .. n_tiles - 1
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_kernel(__grid_constant__ 
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// dk/dv kernel: grid (ceil(S / 128), Hkv, B). Big tiles: k, v of 128 keys; rings: q, do tiles of 64 queries, for
+// dk/dv kernel: grid (Hkv, B, ceil(S / 128)). Big tiles: k, v of 128 keys; rings: q, do tiles of 64 queries, for
 // every query head of the KV group and every query tile at or past the key tile (causal).
 // ------------------------------------------------------------------------------------------------------------------
 
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_kernel(__grid_constant_
   using Element = typename Cfg::Element;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
-  const int n_block = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;  // low n first: the longest query ranges
+  const int n_block = blockIdx.z, hkv = blockIdx.x, b = blockIdx.y;  // low n first: the longest query ranges
   const int group = p.heads_q / p.heads_kv, S = p.seqlen;
   const int key0 = n_block * Cfg::kBig;
   const int m_first = key0 / Cfg::kSmall, m_end = cute::ceil_div(S, int(Cfg::kSmall));  // query tiles that see a key
@@ -370,11 +370,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_kernel(__grid_constant_
       const int key = key0 + int(get<0>(st_coords(r, 0)));
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        // lse and dsum of this column's query, read per element (L1 hits): arrays of them spilled registers
+        // lse and dsum of this column's query, read per element (L1 hits): arrays of them, or unpredicated loads
+        // the compiler hoists, spill registers (36-40 B against 8 B this way)
         const int query = q0 + int(get<1>(st_coords(r, c)));
         const bool keep = (!edge || key <= query) && query < S;
         const float pr = keep ? fast_exp2(st(r, c) * p.scale_log2 - __ldg(lse_h + query) * 1.4426950408889634f) : 0.f;
-        st(r, c) = pr;                                                  // Pᵀ
+        st(r, c) = pr;                                                    // Pᵀ
         dpt(r, c) = keep ? pr * (dpt(r, c) - __ldg(dsum_h + query)) : 0.f;  // dSᵀ
       }
     }
@@ -455,8 +456,9 @@ void launch_bwd(BwdParams const& p, const __nv_bfloat16* o, const __nv_bfloat16*
   dsum_kernel<<<unsigned((rows * 32 + 255) / 256), 256>>>(o, dout, dsum, p.batch, p.seqlen, p.heads_q);
   const int smem = int(sizeof(Cfg::SharedStorage));
   const int tiles = cute::ceil_div(p.seqlen, Cfg::kBig);
-  dq_kernel<Cfg><<<dim3(tiles, p.heads_q, p.batch), Cfg::kThreads, smem>>>(p);
-  dkdv_kernel<Cfg><<<dim3(tiles, p.heads_kv, p.batch), Cfg::kThreads, smem>>>(p);
+  // tiles on z: blocks go out x fastest, so every head's longest tiles first
+  dq_kernel<Cfg><<<dim3(p.heads_q, p.batch, tiles), Cfg::kThreads, smem>>>(p);
+  dkdv_kernel<Cfg><<<dim3(p.heads_kv, p.batch, tiles), Cfg::kThreads, smem>>>(p);
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -641,7 +643,8 @@ static bool check_grads(int B, int S, int Hq, int Hkv, const __nv_bfloat16* q, c
       bool row_bad = false;
       for (int d = 0; d < D; ++d) {
         const double err = std::fabs(double(__bfloat162float(row[d])) - r[d]);
-        const double tol = 0.02 * row_max + 0.02 * std::fabs(r[d]) + 1e-6;
+        // the floor: a row whose reference is exactly 0 (dq of row 0: dP = dsum) still has fp32 rounding
+        const double tol = 0.02 * row_max + 0.02 * std::fabs(r[d]) + 1e-4;
         worst = std::max(worst, std::isnan(err) ? INFINITY : err / tol);
         if (!(err <= tol)) row_bad = true;
       }
