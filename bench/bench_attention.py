@@ -7,6 +7,7 @@ The backward is timed alone (the forward ran once before timing, its graph retai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -85,25 +86,34 @@ def _ours(i):
     return _fwd_or_bwd(i, lambda: ops.flash_attention(q, k, v, causal=True), (q, k, v))
 
 
-SM90_ENV = "L3K_FLASH_FWD_SM90"
+SM90_ENV = {"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}
+
+
+@contextlib.contextmanager
+def _sm90_enabled():
+    """The opt-in Hopper kernels (csrc/attention/flash_{fwd,bwd}_sm90.cuh: TMA + wgmma) for the duration."""
+    before = {k: os.environ.get(k) for k in SM90_ENV}
+    os.environ.update(SM90_ENV)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def _ours_sm90(i):
-    """The opt-in Hopper forward (csrc/attention/flash_fwd_sm90.cuh: TMA + wgmma), enabled around each call."""
-    ours = _ours(i)  # forward rows only: the backward kernel is the same either way
+    """This project's op with the opt-in Hopper forward and backward, enabled while building and at each call."""
+    with _sm90_enabled():
+        ours = _ours(i)  # a backward row runs its forward here
 
-    def fwd():
-        before = os.environ.get(SM90_ENV)
-        os.environ[SM90_ENV] = "1"
-        try:
+    def call():
+        with _sm90_enabled():
             return ours()
-        finally:
-            if before is None:
-                del os.environ[SM90_ENV]
-            else:
-                os.environ[SM90_ENV] = before
 
-    return fwd
+    return call
 
 
 def _flex(i):
@@ -210,7 +220,7 @@ def cases(ctx: Context) -> list[Case]:
     for mode in ("fwd", "bwd"):
         impls = [
             Impl(OURS, _ours, ours=True),
-            *([Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=cuda_skip)] if mode == "fwd" else []),
+            Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=cuda_skip),
             Impl("SDPA flash", skip="SDPA's flash backend takes no attention mask (documents need varlen)"),
             Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
             Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip, note="dense bool mask"),

@@ -83,15 +83,16 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
             ops.swiglu_linear(r(m, 2 * 760), w)
 
     def attention_sm90():
-        os.environ["L3K_FLASH_FWD_SM90"] = "1"  # the opt-in TMA + wgmma forward
+        os.environ["L3K_FLASH_FWD_SM90"] = os.environ["L3K_FLASH_BWD_SM90"] = "1"  # the opt-in TMA + wgmma kernels
         try:
-            q, k = r(2, 77, 8, 128), r(2, 77, 2, 128)
-            ops.flash_attention(q, k, r(2, 77, 2, 128), causal=True)
+            q, k, v = r(2, 77, 8, 128, grad=True), r(2, 77, 2, 128, grad=True), r(2, 77, 2, 128, grad=True)
+            out = ops.flash_attention(q, k, v, causal=True)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
             cu = torch.tensor([0, 13, 77, 127, 154], dtype=torch.int32, device=dev)
             qp, kp = r(154, 8, 128), r(154, 2, 128)
             ops.flash_attention(qp, kp, r(154, 2, 128), True, None, cu, 64)
         finally:
-            del os.environ["L3K_FLASH_FWD_SM90"]
+            del os.environ["L3K_FLASH_FWD_SM90"], os.environ["L3K_FLASH_BWD_SM90"]
 
     def rope(d: int):
         hq, hkv = 8, 2
@@ -111,7 +112,7 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         "decode_linear": (("decode_gemv",), decode_linear),
         "flash_attention d128": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(128)),
         "flash_attention d64": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(64)),
-        "flash_attention sm90": (("flash_attn_fwd",), attention_sm90),
+        "flash_attention sm90": (("flash_attn_fwd", "flash_attn_bwd"), attention_sm90),
         "decode_attention d128": (("decode_attn",), lambda: decode(128)),
         "rope_kv_cache d64": (("rope_kv_cache",), lambda: rope(64)),
     }

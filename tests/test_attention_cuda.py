@@ -315,6 +315,61 @@ def test_flash_bwd_after_sm90_fwd(gen, sm90_fwd, shape):
         _assert_within(name, got, ref, low, gen.initial_seed())
 
 
+# ------------------------------------------------------------------ Hopper TMA + wgmma backward (opt-in)
+def _ran(fn, name: str) -> bool:
+    return any(name in k for k in _cuda_kernels(fn))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 1), (2, 17, 32, 8), (1, 129, 8, 8), (2, 1000, 32, 8), (1, 2049, 8, 2)])
+@pytest.mark.parametrize("sm90_forward", [False, True])
+def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
+    """dq, dk, dv (dk/dv summed over each KV group) against fp32 autograd, within twice bf16 math's error."""
+    _need("flash_attn_fwd")
+    _need("flash_attn_bwd")
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
+    monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1" if sm90_forward else "0")
+    b, s, hq, hkv = shape
+    q, k = _randn(gen, b, s, hq, 128, dtype=torch.bfloat16), _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
+    v, dout = _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16), _randn(gen, b, s, hq, 128, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = attn.flash_attention(qg, kg, vg, causal=True)
+    assert _ran(lambda: out.backward(dout), "dq_sm90_kernel")
+    refs = _fp32_grads(q, k, v, dout, True, scale)
+    lows = _lowp_grads(q, k, v, dout, True, scale)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
+
+
+def test_flash_bwd_sm90_deterministic_and_dispatch(gen, monkeypatch):
+    """Identical gradients twice; only fixed-length causal bf16 D = 128 takes it, and only when enabled."""
+    _need("flash_attn_bwd")
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
+
+    def grads(s=300, d=128, dtype=torch.bfloat16, causal=True, varlen=False):
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (_randn(g, 2, s, h, d, dtype=dtype).requires_grad_() for h in (8, 2, 2))
+        if varlen:
+            cu = _doc_offsets([s, s])
+            flat = [t.flatten(0, 1) for t in (q, k, v)]
+            out = attn.flash_attention(*flat, causal, cu_seqlens=cu, max_seqlen=s)
+        else:
+            out = attn.flash_attention(q, k, v, causal)
+        result = {}
+        ran = _ran(lambda: result.update(zip("qkv", torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))),
+                   "dq_sm90_kernel")  # fmt: skip
+        return ran, result
+
+    ran, first = grads()
+    assert ran
+    _, second = grads()
+    assert all(torch.equal(first[n], second[n]) for n in "qkv")
+    assert not grads(d=64)[0] and not grads(dtype=torch.float16)[0] and not grads(causal=False)[0]
+    assert not grads(varlen=True)[0]
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "0")
+    assert not grads()[0]
+
+
 # ------------------------------------------------------------------------------------------- backward
 @pytest.mark.parametrize(
     "shape", [(2, 37, 37, 9, 3, 128), (1, 199, 199, 32, 8, 64), (1, 37, 199, 4, 4, 128), (1, 1000, 1000, 4, 4, 128)]

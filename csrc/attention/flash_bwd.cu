@@ -368,6 +368,11 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
     check_cuda(cudaMemsetAsync(as_ptr<void>(dq), 0, q_tokens * hq * d * 2, as_stream(stream)), "flash_bwd: memset");
     return;
   }
+  if (flash_bwd_sm90_enabled() && flash_bwd_sm90_covers(q, k, v, dout, cu_seqlens, max_seqlen, max_seqlen_k, batch,
+                                                        hq, d, causal, dtype)) {
+    return flash_attn_bwd_sm90(dout, q, k, v, out, lse, dsum, dq, dk, dv, batch, max_seqlen, hq, hkv, softmax_scale,
+                               stream);
+  }
   BwdParams p{};
   p.q = as_ptr<const void>(q);
   p.k = as_ptr<const void>(k);

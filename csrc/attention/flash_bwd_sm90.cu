@@ -1,0 +1,46 @@
+// The extension's entry to the Hopper backward in flash_bwd_sm90.cuh (TMA + wgmma, deterministic). flash_attn_bwd
+// (flash_bwd.cu) calls it for the shapes it covers when enabled; everything else runs the mma.sync kernels.
+#include "attention/flash_bwd_sm90.cuh"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "attention/attention.h"
+#include "common.h"
+
+namespace l3k {
+
+bool flash_bwd_sm90_enabled() {
+  // Opt-in until the kernels have passed their tests and beaten the mma.sync backward on an H100 (dev/attention).
+  const char* v = std::getenv("L3K_FLASH_BWD_SM90");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool flash_bwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t dout,
+                           std::uintptr_t cu_seqlens, int seqlen_q, int seqlen_k, int batch, int hq, int d,
+                           bool causal, int dtype) {
+  // Fixed-length causal self-attention only (the kernels take no offsets yet); TMA needs 16-byte aligned bases and
+  // strides below 2^40 bytes (a batch's: S · Hq · D · 2), and the descriptors' failures would go unnoticed in this
+  // NDEBUG build, so anything larger stays on the mma.sync kernels.
+  const bool aligned = ((q | k | v | dout) % 16) == 0;
+  return cu_seqlens == 0 && causal && seqlen_q == seqlen_k && d == sm90::BwdConfig::kHeadDim &&
+         dtype == static_cast<int>(DType::BF16) && aligned && batch <= 65535 &&
+         std::int64_t(seqlen_q) * hq * d * 2 < (std::int64_t(1) << 40);
+}
+
+void flash_attn_bwd_sm90(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                         std::uintptr_t out, std::uintptr_t lse, std::uintptr_t dsum, std::uintptr_t dq,
+                         std::uintptr_t dk, std::uintptr_t dv, int batch, int seqlen, int hq, int hkv,
+                         float softmax_scale, std::uintptr_t stream) {
+  using Bf16 = cutlass::bfloat16_t;
+  check_cuda(sm90::prepare_bwd(), "flash_bwd_sm90: shared memory opt-in");
+  const sm90::BwdParams p = sm90::make_bwd_params(
+      as_ptr<const Bf16>(q), as_ptr<const Bf16>(k), as_ptr<const Bf16>(v), as_ptr<const Bf16>(dout),
+      as_ptr<const float>(lse), as_ptr<const float>(dsum), as_ptr<Bf16>(dq), as_ptr<Bf16>(dk), as_ptr<Bf16>(dv), batch,
+      seqlen, hq, hkv, softmax_scale);
+  sm90::launch_bwd(p, as_ptr<const __nv_bfloat16>(out), as_ptr<const __nv_bfloat16>(dout), as_ptr<float>(dsum),
+                   as_stream(stream));
+  L3K_CHECK_LAUNCH("flash_bwd_sm90 kernels");
+}
+
+}  // namespace l3k
