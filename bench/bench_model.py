@@ -287,8 +287,8 @@ def cases(ctx: Context) -> list[Case]:
     impls = [
         Impl(OURS, _train_step("ours", False), ours=True, skip=skip),
         Impl(
-            f"{OURS} + sm90 wgmma attention fwd (opt-in)",
-            _train_step("ours", False, {"L3K_FLASH_FWD_SM90": "1"}),
+            f"{OURS} + sm90 wgmma attention (opt-in)",
+            _train_step("ours", False, {"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}),
             ours=True,
             skip=skip or ctx.needs_cuda(),
         ),  # fmt: skip
