@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama3_kernels.bench.bench_attention import sm90_skip
 from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled
 
 FAMILY = "model"
@@ -290,7 +291,7 @@ def cases(ctx: Context) -> list[Case]:
             f"{OURS} + sm90 wgmma attention (opt-in)",
             _train_step("ours", False, {"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}),
             ours=True,
-            skip=skip or ctx.needs_cuda(),
+            skip=skip or sm90_skip(ctx.needs_cuda()),
         ),  # fmt: skip
         Impl(f"{OURS} + torch.compile", _train_step("ours", True), ours=True, skip=skip or comp, compiles=True),
         Impl("plain PyTorch eager (SDPA, F.rms_norm)", _train_step("plain", False), skip=skip),

@@ -8,6 +8,7 @@ reference, plus a small floor (one ulp of 1.0 in the dtype). Skipped without a G
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -183,9 +184,18 @@ def test_flash_fwd_opcheck(gen):
 SM90_SHAPES = [(1, 1, 4, 1), (2, 17, 32, 8), (1, 129, 32, 8), (2, 1000, 8, 2), (1, 4097, 32, 8)]  # (B, S, Hq, Hkv)
 
 
+def _sm90_gate(*kinds: str) -> None:
+    """bench/device_check.sh keeps a Hopper kernel that failed its standalone check (dev/attention) out of the GPU
+    tests of that run (L3K_SM90_GATE=fwd,bwd): a pipeline hang would otherwise stall the whole test process."""
+    failed = set(os.environ.get("L3K_SM90_GATE", "").split(",")) & set(kinds)
+    if failed:
+        pytest.skip(f"sm90 {', '.join(sorted(failed))} kernel failed its standalone check in this run (sm90gate.log)")
+
+
 @pytest.fixture
 def sm90_fwd(monkeypatch):
     """flash_attn_fwd runs csrc/attention/flash_fwd_sm90.cuh for the shapes it covers (read at every call)."""
+    _sm90_gate("fwd")
     monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1")
 
 
@@ -218,6 +228,7 @@ def test_flash_fwd_sm90(gen, sm90_fwd, shape):
 def test_flash_fwd_sm90_dispatch(gen, monkeypatch):
     """Enabled, it takes exactly the shapes it covers; disabled, none."""
     _need("flash_attn_fwd")
+    _sm90_gate("fwd")
 
     def runs_sm90(s=64, sk=64, d=128, dtype=torch.bfloat16, causal=True):
         q, k = _randn(gen, 1, s, 4, d, dtype=dtype), _randn(gen, 1, sk, 2, d, dtype=dtype)
@@ -326,6 +337,7 @@ def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
     """dq, dk, dv (dk/dv summed over each KV group) against fp32 autograd, within twice bf16 math's error."""
     _need("flash_attn_fwd")
     _need("flash_attn_bwd")
+    _sm90_gate("bwd", *(["fwd"] if sm90_forward else []))
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
     monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1" if sm90_forward else "0")
     b, s, hq, hkv = shape
@@ -344,6 +356,7 @@ def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
 def test_flash_bwd_sm90_deterministic_and_dispatch(gen, monkeypatch):
     """Identical gradients twice; only fixed-length causal bf16 D = 128 takes it, and only when enabled."""
     _need("flash_attn_bwd")
+    _sm90_gate("bwd")
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
 
     def grads(s=300, d=128, dtype=torch.bfloat16, causal=True, varlen=False):
