@@ -6,10 +6,13 @@
 
 Each equals the composition of this library's ops with F.linear (the norm or SwiGLU output rounded to the dtype
 before the product), which is also what runs whenever the kernel does not apply: more than 4 rows, gradients
-needed, a CPU tensor, mismatched dtypes, or an input too long to stage in shared memory.
+needed, a CPU tensor, mismatched dtypes, or an input too long to stage in shared memory. L3K_DECODE_GEMV=0 turns
+the kernel off (the unfused ops everywhere), e.g. while it is checked on a new device.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +94,8 @@ def decode_gemv(
 def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
     (m, width), (n, k) = x.shape, w.shape
     return (
-        1 <= m <= MAX_ROWS
+        os.environ.get("L3K_DECODE_GEMV", "1") != "0"
+        and 1 <= m <= MAX_ROWS
         and n >= 1
         and k >= 8
         and x.dtype in HALF_DTYPES
