@@ -7,7 +7,6 @@ The backward is timed alone (the forward ran once before timing, its graph retai
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llama3_kernels import ops
-from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled
+from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled, env_set
 
 FAMILY = "attention"
 DOC_SEED = 1234  # the document layout is fixed so rows stay comparable across runs
@@ -89,21 +88,6 @@ def _ours(i):
 SM90_ENV = {"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}
 
 
-@contextlib.contextmanager
-def _sm90_enabled():
-    """The opt-in Hopper kernels (csrc/attention/flash_{fwd,bwd}_sm90.cuh: TMA + wgmma) for the duration."""
-    before = {k: os.environ.get(k) for k in SM90_ENV}
-    os.environ.update(SM90_ENV)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
-
-
 def sm90_skip(cuda_skip: str | None) -> str | None:
     """Why the opt-in column does not run here: no GPU, or bench/device_check.sh found a kernel failing its
     standalone check in this run (L3K_SM90_GATE), which could hang the GPU under the bench."""
@@ -113,11 +97,11 @@ def sm90_skip(cuda_skip: str | None) -> str | None:
 
 def _ours_sm90(i):
     """This project's op with the opt-in Hopper forward and backward, enabled while building and at each call."""
-    with _sm90_enabled():
+    with env_set(SM90_ENV):
         ours = _ours(i)  # a backward row runs its forward here
 
     def call():
-        with _sm90_enabled():
+        with env_set(SM90_ENV):
             return ours()
 
     return call

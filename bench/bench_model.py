@@ -14,14 +14,13 @@ mode="reduce-overhead" (CUDA graphs too).
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llama3_kernels.bench.bench_attention import sm90_skip
-from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled
+from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled, env_set
 
 FAMILY = "model"
 CACHED = 4096  # tokens already in the KV cache when the timed decode step runs
@@ -190,18 +189,10 @@ def _train_step(model_key: str, compile_it: bool, env: dict[str, str] | None = N
         x, y = i["x"], i["y"]
 
         def step():
-            before = {k: os.environ.get(k) for k in env or {}}
-            os.environ.update(env or {})
-            try:
+            with env_set(env):
                 logits = fwd(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
                 return torch.autograd.grad(loss, params)
-            finally:
-                for k, v in before.items():
-                    if v is None:
-                        del os.environ[k]
-                    else:
-                        os.environ[k] = v
 
         return step
 

@@ -219,6 +219,21 @@ def _time_limit(seconds: float | None):
             signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - t0)), interval)
 
 
+@contextlib.contextmanager
+def env_set(values: dict[str, str] | None):
+    """Environment variables set for the duration (opt-in kernels read theirs at every call), then restored."""
+    before = {k: os.environ.get(k) for k in values or {}}
+    os.environ.update(values or {})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
 def _first_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text[:200]

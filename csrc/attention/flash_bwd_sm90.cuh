@@ -114,6 +114,30 @@ __device__ __forceinline__ void load_small(Tma const& tma, int rows, int heads, 
   copy(tma.with(bar), cta.partition_S(g), dst(_, _, _, stage));
 }
 
+// The producer's two fixed tiles (128 rows at row0 of head h from tma0 and tma1), one transaction on big_full.
+template <class Cfg, class Tma, class Dst>
+__device__ __forceinline__ void load_big_pair(typename Cfg::SharedStorage& smem, Tma const& tma0, Tma const& tma1,
+                                              int rows, int heads, int batches, int row0, int h, int b, Dst& dst0,
+                                              Dst& dst1) {
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.big_full, 2 * Cfg::kBigBytes);
+  load_big(tma0, rows, heads, batches, row0, h, b, dst0, smem.big_full);
+  load_big(tma1, rows, heads, batches, row0, h, b, dst1, smem.big_full);
+}
+
+// One producer step: 64-row tile `tile` of head h from tma0 into ring 0 and from tma1 into ring 1, each slot
+// waited for (empty) and announced (full, with its byte count) on its own barriers.
+template <class Cfg, class Tma, class Ring>
+__device__ __forceinline__ void load_small_pair(typename Cfg::SharedStorage& smem, RingPos<Cfg::kStages> const& pos,
+                                                Tma const& tma0, Tma const& tma1, int rows, int heads, int batches,
+                                                int tile, int h, int b, Ring& ring0, Ring& ring1) {
+  cutlass::arch::ClusterBarrier::wait(&smem.empty0[pos.stage], pos.phase ^ 1);
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full0[pos.stage], Cfg::kSmallBytes);
+  load_small(tma0, rows, heads, batches, tile, h, b, ring0, pos.stage, smem.full0[pos.stage]);
+  cutlass::arch::ClusterBarrier::wait(&smem.empty1[pos.stage], pos.phase ^ 1);
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full1[pos.stage], Cfg::kSmallBytes);
+  load_small(tma1, rows, heads, batches, tile, h, b, ring1, pos.stage, smem.full1[pos.stage]);
+}
+
 // Rounded bf16 pairs of an fp32 accumulator into an RS-wgmma A fragment (same flat order: the layout self-test).
 template <class TS, class TP>
 __device__ __forceinline__ void to_bf16(TS const& acc, TP& frag) {
@@ -167,17 +191,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (threadIdx.x == 0) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.big_full, 2 * Cfg::kBigBytes);
-      load_big(p.tma_q_big, S, p.heads_q, p.batch, row0, h, b, sQ, smem.big_full);
-      load_big(p.tma_do_big, S, p.heads_q, p.batch, row0, h, b, sdO, smem.big_full);
+      load_big_pair<Cfg>(smem, p.tma_q_big, p.tma_do_big, S, p.heads_q, p.batch, row0, h, b, sQ, sdO);
       RingPos<Cfg::kStages> pos;
       for (int n = n_tiles - 1; n >= 0; --n) {
-        cutlass::arch::ClusterBarrier::wait(&smem.empty0[pos.stage], pos.phase ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full0[pos.stage], Cfg::kSmallBytes);
-        load_small(p.tma_k_small, S, p.heads_kv, p.batch, n, hkv, b, sK, pos.stage, smem.full0[pos.stage]);
-        cutlass::arch::ClusterBarrier::wait(&smem.empty1[pos.stage], pos.phase ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full1[pos.stage], Cfg::kSmallBytes);
-        load_small(p.tma_v_small, S, p.heads_kv, p.batch, n, hkv, b, sV, pos.stage, smem.full1[pos.stage]);
+        load_small_pair<Cfg>(smem, pos, p.tma_k_small, p.tma_v_small, S, p.heads_kv, p.batch, n, hkv, b, sK, sV);
         pos.advance();
       }
     }
@@ -279,18 +296,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (threadIdx.x == 0) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.big_full, 2 * Cfg::kBigBytes);
-      load_big(p.tma_k_big, S, p.heads_kv, p.batch, key0, hkv, b, sK, smem.big_full);
-      load_big(p.tma_v_big, S, p.heads_kv, p.batch, key0, hkv, b, sV, smem.big_full);
+      load_big_pair<Cfg>(smem, p.tma_k_big, p.tma_v_big, S, p.heads_kv, p.batch, key0, hkv, b, sK, sV);
       RingPos<Cfg::kStages> pos;
       for (int it = 0; it < group * per_head; ++it) {
         const int h = hkv * group + it / per_head, m = m_first + it % per_head;
-        cutlass::arch::ClusterBarrier::wait(&smem.empty0[pos.stage], pos.phase ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full0[pos.stage], Cfg::kSmallBytes);
-        load_small(p.tma_q_small, S, p.heads_q, p.batch, m, h, b, sQ, pos.stage, smem.full0[pos.stage]);
-        cutlass::arch::ClusterBarrier::wait(&smem.empty1[pos.stage], pos.phase ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full1[pos.stage], Cfg::kSmallBytes);
-        load_small(p.tma_do_small, S, p.heads_q, p.batch, m, h, b, sdO, pos.stage, smem.full1[pos.stage]);
+        load_small_pair<Cfg>(smem, pos, p.tma_q_small, p.tma_do_small, S, p.heads_q, p.batch, m, h, b, sQ, sdO);
         pos.advance();
       }
     }

@@ -3,43 +3,16 @@
 // which the register-layout self-test reads) and `kKernel` (the kernel, launched through launch_fwd<Cfg>).
 #pragma once
 
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
-#define CUDA_CHECK(expr)                                                                                   \
-  do {                                                                                                     \
-    cudaError_t err_ = (expr);                                                                             \
-    if (err_ != cudaSuccess) {                                                                             \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                        \
-    }                                                                                                      \
-  } while (0)
+#include "common.cuh"
+
 
 // ------------------------------------------------------------------------------------------------------------------
 // Check: random inputs, naive fp32 reference on sampled rows, non-finite count over the whole output.
 // ------------------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t hash_u32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return uint32_t(x);
-}
-
-// Standard normal values (Box-Muller on a counter hash), rounded to bf16.
-__global__ void fill_normal_kernel(__nv_bfloat16* x, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float u1 = (hash_u32(seed * 0x9e3779b97f4a7c15ULL + 2 * i) + 1.0f) * 2.3283064e-10f;  // (0, 1]
-    const float u2 = hash_u32(seed * 0x9e3779b97f4a7c15ULL + 2 * i + 1) * 2.3283064e-10f;
-    x[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
-  }
-}
 
 // One block per checked (batch, head, row): scores into a global scratch row, softmax, then O = P V in fp32.
 __global__ void reference_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
@@ -89,14 +62,6 @@ __global__ void reference_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat1
   if (threadIdx.x == 0) lse_ref[blockIdx.x] = row_max + logf(row_sum);
 }
 
-template <class T>
-__global__ void count_nonfinite_kernel(const T* x, int64_t n, unsigned long long* count) {
-  unsigned long long local = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    local += !isfinite(float(x[i]));
-  }
-  if (local) atomicAdd(count, local);
-}
 
 struct Shape4 {
   int batch, seqlen;
@@ -271,31 +236,9 @@ static bool layout_selftest() {
 }
 
 int main(int argc, char** argv) {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // keep every finished line if a timeout kills a hung run
-  bool check_only = false;
-  int max_seqlen = 1 << 30;  // skip longer shapes (compute-sanitizer runs)
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--check-only") == 0) {
-      check_only = true;
-    } else if (std::strcmp(argv[i], "--layout-check") == 0) {
-      return layout_selftest() ? 0 : 1;
-    } else if (std::strcmp(argv[i], "--max-seqlen") == 0 && i + 1 < argc) {
-      max_seqlen = std::atoi(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: %s [--check-only] [--max-seqlen N] | --layout-check\n", argv[0]);
-      return 2;
-    }
-  }
-  if (!layout_selftest()) return 1;
-  int device;
-  cudaDeviceProp prop;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  std::printf("%s on %s (sm_%d%d)\n", kVersion, prop.name, prop.major, prop.minor);
-  if (prop.major != 9) {
-    std::fprintf(stderr, "this kernel needs sm_90a (Hopper)\n");
-    return 1;
-  }
+  Options opt;
+  if (const int rc = start(argc, argv, opt, layout_selftest); rc >= 0) return rc;
+  if (!hopper_device(kVersion)) return 1;
   CUDA_CHECK(prepare_fwd<Cfg>(kKernel));
 
   constexpr int kHeadsQ = 32, kHeadsKV = 8, D = 128;
@@ -305,7 +248,7 @@ int main(int argc, char** argv) {
   bool all_ok = true;
   for (Shape4 shape : shapes) {
     const int B = shape.batch, S = shape.seqlen;
-    if (S > max_seqlen) continue;
+    if (S > opt.max_seqlen) continue;
     const int64_t n_q = int64_t(B) * S * kHeadsQ * D, n_kv = int64_t(B) * S * kHeadsKV * D;
     __nv_bfloat16 *q, *k, *v, *o;
     float* lse;
@@ -329,20 +272,13 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaEventRecord(done));
     // A barrier-phase bug hangs instead of failing: give up after 20 s (the slowest shape takes milliseconds).
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    cudaError_t state;
-    while ((state = cudaEventQuery(done)) == cudaErrorNotReady) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        std::printf("B=%d S=%d: kernel still running after 20 s, a pipeline barrier never completed (hang)\n", B, S);
-        return 1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    CUDA_CHECK(state);
+    char what[64];
+    std::snprintf(what, sizeof(what), "B=%d S=%d", B, S);
+    if (!wait_or_hang(done, 20, what)) return 1;
     CUDA_CHECK(cudaEventDestroy(done));
     std::printf("B=%d S=%d Hq=%d Hkv=%d D=%d causal\n", B, S, kHeadsQ, kHeadsKV, D);
     all_ok &= check_shape(shape, kHeadsQ, kHeadsKV, q, k, v, o, lse, scale);
-    if (!check_only && S >= 1024) {
+    if (!opt.check_only && S >= 1024) {
       const float ms = time_ms(params);
       const double flops = 4.0 * B * kHeadsQ * double(S) * S * D / 2;  // causal: half of the 4*S^2*D per head
       std::printf("  time %.3f ms, %.1f TFLOP/s\n", ms, flops / (ms * 1e-3) / 1e12);

@@ -9,23 +9,12 @@
 
 #include "../../csrc/attention/flash_bwd_sm90.cuh"
 
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
-using namespace l3k::sm90;
+#include "common.cuh"
 
-#define CUDA_CHECK(expr)                                                                                   \
-  do {                                                                                                     \
-    cudaError_t err_ = (expr);                                                                             \
-    if (err_ != cudaSuccess) {                                                                             \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                        \
-    }                                                                                                      \
-  } while (0)
+using namespace l3k::sm90;
 
 static constexpr const char* kVersion = "v3_wgmma_bwd";
 
@@ -34,23 +23,6 @@ using Cfg = BwdConfig;
 // ------------------------------------------------------------------------------------------------------------------
 // Check
 // ------------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t hash_u32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return uint32_t(x);
-}
-
-__global__ void fill_normal_kernel(__nv_bfloat16* x, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float u1 = (hash_u32(seed * 0x9e3779b97f4a7c15ULL + 2 * i) + 1.0f) * 2.3283064e-10f;
-    const float u2 = hash_u32(seed * 0x9e3779b97f4a7c15ULL + 2 * i + 1) * 2.3283064e-10f;
-    x[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
-  }
-}
 
 // Naive forward for every row: o (bf16, as the real forward stores it) and lse (fp32). One block per (b, h, i).
 __global__ void forward_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
@@ -146,13 +118,6 @@ __global__ void reference_grads_kernel(const __nv_bfloat16* q, const __nv_bfloat
     ref[int64_t(blockIdx.x) * 2 * D + d] = acc_k * scale;
     ref[int64_t(blockIdx.x) * 2 * D + D + d] = acc_v;
   }
-}
-
-__global__ void count_nonfinite_kernel(const __nv_bfloat16* x, int64_t n, unsigned long long* count) {
-  unsigned long long local = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    local += !isfinite(__bfloat162float(x[i]));
-  if (local) atomicAdd(count, local);
 }
 
 // Per sampled row: |got - ref| <= 0.02 max|ref row| + 0.02 |ref|. P and dS are rounded to bf16 before the wgmma
@@ -274,26 +239,9 @@ static bool layout_selftest() {
 }
 
 int main(int argc, char** argv) {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  bool check_only = false;
-  int max_seqlen = 1 << 30;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--check-only") == 0) {
-      check_only = true;
-    } else if (std::strcmp(argv[i], "--layout-check") == 0) {
-      return layout_selftest() ? 0 : 1;
-    } else if (std::strcmp(argv[i], "--max-seqlen") == 0 && i + 1 < argc) {
-      max_seqlen = std::atoi(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: %s [--check-only] [--max-seqlen N] | --layout-check\n", argv[0]);
-      return 2;
-    }
-  }
-  if (!layout_selftest()) return 1;
-  cudaDeviceProp prop;
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s on %s (sm_%d%d)\n", kVersion, prop.name, prop.major, prop.minor);
-  if (prop.major != 9) return 1;
+  Options opt;
+  if (const int rc = start(argc, argv, opt, layout_selftest); rc >= 0) return rc;
+  if (!hopper_device(kVersion)) return 1;
   CUDA_CHECK(prepare_bwd());
 
   constexpr int Hq = 32, Hkv = 8, D = 128;
@@ -306,7 +254,7 @@ int main(int argc, char** argv) {
   bool all_ok = true;
   for (Shape2 sh : shapes) {
     const int B = sh.batch, S = sh.seqlen;
-    if (S > max_seqlen) continue;
+    if (S > opt.max_seqlen) continue;
     const bool check = double(B) * S * S <= double(1 << 25);  // the naive forward and reference stay in seconds
     const int64_t nq = int64_t(B) * S * Hq * D, nk = int64_t(B) * S * Hkv * D, nst = int64_t(B) * Hq * S;
     __nv_bfloat16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
@@ -344,20 +292,13 @@ int main(int argc, char** argv) {
     launch_bwd(bp, o, dout, dsum, nullptr);
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaEventRecord(done));
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    cudaError_t state;
-    while ((state = cudaEventQuery(done)) == cudaErrorNotReady) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        std::printf("B=%d S=%d: backward still running after 20 s, a pipeline barrier never completed (hang)\n", B, S);
-        return 1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    CUDA_CHECK(state);
+    char what[64];
+    std::snprintf(what, sizeof(what), "B=%d S=%d backward", B, S);
+    if (!wait_or_hang(done, 20, what)) return 1;
     CUDA_CHECK(cudaEventDestroy(done));
     std::printf("B=%d S=%d Hq=%d Hkv=%d D=%d causal backward\n", B, S, Hq, Hkv, D);
     if (check) all_ok &= check_grads(B, S, Hq, Hkv, q, k, v, o, dout, lse, dq, dk, dv, scale);
-    if (!check_only && S >= 1024) {
+    if (!opt.check_only && S >= 1024) {
       constexpr int kWarmup = 3, kIters = 10;
       void* flush;
       CUDA_CHECK(cudaMalloc(&flush, size_t(256) << 20));
