@@ -353,19 +353,42 @@ def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
         _assert_within(name, got, ref, low, gen.initial_seed())
 
 
+def test_flash_bwd_sm90_varlen(gen, monkeypatch):
+    """Packed documents (empty, one-token, multi-tile) through the sm90 forward and backward."""
+    _need("flash_attn_fwd")
+    _need("flash_attn_bwd")
+    _sm90_gate("fwd", "bwd")
+    monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1")
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
+    lengths = _random_docs(gen, 4, 400) + [129, 128]
+    cu, total = _doc_offsets(lengths), sum(lengths)
+    q, k = _randn(gen, total, 32, 128, dtype=torch.bfloat16), _randn(gen, total, 8, 128, dtype=torch.bfloat16)
+    v, dout = _randn(gen, total, 8, 128, dtype=torch.bfloat16), _randn(gen, total, 32, 128, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = attn.flash_attention(qg, kg, vg, True, cu_seqlens=cu)
+    assert _ran(lambda: out.backward(dout), "dkdv_sm90_kernel")
+    refs = _fp32_grads(q, k, v, dout, True, scale, cu)
+    lows = _lowp_grads(q, k, v, dout, True, scale, cu)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs, lows):
+        _assert_within(name, got, ref, low, gen.initial_seed())
+
+
 def test_flash_bwd_sm90_deterministic_and_dispatch(gen, monkeypatch):
-    """Identical gradients twice; only fixed-length causal bf16 D = 128 takes it, and only when enabled."""
+    """Identical gradients twice; only causal bf16 D = 128 self-attention takes it (packed documents only with one set
+    of offsets), and only when enabled."""
     _need("flash_attn_bwd")
     _sm90_gate("bwd")
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
 
-    def grads(s=300, d=128, dtype=torch.bfloat16, causal=True, varlen=False):
+    def grads(s=300, d=128, dtype=torch.bfloat16, causal=True, varlen=False, separate_k=False):
         g = torch.Generator().manual_seed(7)
         q, k, v = (_randn(g, 2, s, h, d, dtype=dtype).requires_grad_() for h in (8, 2, 2))
         if varlen:
             cu = _doc_offsets([s, s])
             flat = [t.flatten(0, 1) for t in (q, k, v)]
-            out = attn.flash_attention(*flat, causal, cu_seqlens=cu, max_seqlen=s)
+            extra = {"cu_seqlens_k": cu.clone(), "max_seqlen_k": s} if separate_k else {}
+            out = attn.flash_attention(*flat, causal, cu_seqlens=cu, max_seqlen=s, **extra)
         else:
             out = attn.flash_attention(q, k, v, causal)
         result = {}
@@ -378,7 +401,7 @@ def test_flash_bwd_sm90_deterministic_and_dispatch(gen, monkeypatch):
     _, second = grads()
     assert all(torch.equal(first[n], second[n]) for n in "qkv")
     assert not grads(d=64)[0] and not grads(dtype=torch.float16)[0] and not grads(causal=False)[0]
-    assert not grads(varlen=True)[0]
+    assert grads(varlen=True)[0] and not grads(varlen=True, separate_k=True)[0]
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "0")
     assert not grads()[0]
 

@@ -368,10 +368,12 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
     check_cuda(cudaMemsetAsync(as_ptr<void>(dq), 0, q_tokens * hq * d * 2, as_stream(stream)), "flash_bwd: memset");
     return;
   }
-  if (flash_bwd_sm90_enabled() && flash_bwd_sm90_covers(q, k, v, dout, cu_seqlens, max_seqlen, max_seqlen_k, batch,
-                                                        hq, d, causal, dtype)) {
-    return flash_attn_bwd_sm90(dout, q, k, v, out, lse, dsum, dq, dk, dv, batch, max_seqlen, hq, hkv, softmax_scale,
-                               stream);
+  if (flash_bwd_sm90_enabled() &&
+      flash_bwd_sm90_covers(q, k, v, dout, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
+                            varlen ? q_tokens : total_q_or_S, varlen ? k_tokens : total_k_or_Sk, batch, hq, d, causal,
+                            dtype)) {
+    return flash_attn_bwd_sm90(dout, q, k, v, out, lse, dsum, dq, dk, dv, cu_seqlens, batch, max_seqlen,
+                               int(q_tokens), hq, hkv, softmax_scale, stream);
   }
   BwdParams p{};
   p.q = as_ptr<const void>(q);

@@ -17,27 +17,28 @@ bool flash_bwd_sm90_enabled() {
 }
 
 bool flash_bwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t dout,
-                           std::uintptr_t cu_seqlens, int seqlen_q, int seqlen_k, int batch, int hq, int d,
-                           bool causal, int dtype) {
-  // Fixed-length causal self-attention only (the kernels take no offsets yet); TMA needs 16-byte aligned bases and
-  // strides below 2^40 bytes (a batch's: S · Hq · D · 2), and the descriptors' failures would go unnoticed in this
-  // NDEBUG build, so anything larger stays on the mma.sync kernels.
+                           std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k,
+                           std::int64_t rows_q, std::int64_t rows_k, int batch, int hq, int d, bool causal,
+                           int dtype) {
+  // Causal self-attention: equal lengths, or packed documents with one set of offsets for queries and keys. TMA
+  // needs 16-byte aligned bases and strides below 2^40 bytes (the largest: rows · Hq · D · 2 with rows = S or T),
+  // and the descriptors' failures would go unnoticed in this NDEBUG build, so anything larger stays on mma.sync.
   const bool aligned = ((q | k | v | dout) % 16) == 0;
-  return cu_seqlens == 0 && causal && seqlen_q == seqlen_k && d == sm90::BwdConfig::kHeadDim &&
-         dtype == static_cast<int>(DType::BF16) && aligned && batch <= 65535 &&
-         std::int64_t(seqlen_q) * hq * d * 2 < (std::int64_t(1) << 40);
+  return causal && cu_seqlens == cu_seqlens_k && seqlen_q == seqlen_k && rows_q == rows_k &&
+         d == sm90::BwdConfig::kHeadDim && dtype == static_cast<int>(DType::BF16) && aligned && batch <= 65535 &&
+         rows_q * hq * d * 2 < (std::int64_t(1) << 40);
 }
 
 void flash_attn_bwd_sm90(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                          std::uintptr_t out, std::uintptr_t lse, std::uintptr_t dsum, std::uintptr_t dq,
-                         std::uintptr_t dk, std::uintptr_t dv, int batch, int seqlen, int hq, int hkv,
-                         float softmax_scale, std::uintptr_t stream) {
+                         std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t cu_seqlens, int batch, int max_seqlen,
+                         int total_q, int hq, int hkv, float softmax_scale, std::uintptr_t stream) {
   using Bf16 = cutlass::bfloat16_t;
   check_cuda(sm90::prepare_bwd(), "flash_bwd_sm90: shared memory opt-in");
   const sm90::BwdParams p = sm90::make_bwd_params(
       as_ptr<const Bf16>(q), as_ptr<const Bf16>(k), as_ptr<const Bf16>(v), as_ptr<const Bf16>(dout),
-      as_ptr<const float>(lse), as_ptr<const float>(dsum), as_ptr<Bf16>(dq), as_ptr<Bf16>(dk), as_ptr<Bf16>(dv), batch,
-      seqlen, hq, hkv, softmax_scale);
+      as_ptr<const float>(lse), as_ptr<const float>(dsum), as_ptr<Bf16>(dq), as_ptr<Bf16>(dk), as_ptr<Bf16>(dv),
+      as_ptr<const int>(cu_seqlens), batch, max_seqlen, total_q, hq, hkv, softmax_scale);
   sm90::launch_bwd(p, as_ptr<const __nv_bfloat16>(out), as_ptr<const __nv_bfloat16>(dout), as_ptr<float>(dsum),
                    as_stream(stream));
   L3K_CHECK_LAUNCH("flash_bwd_sm90 kernels");

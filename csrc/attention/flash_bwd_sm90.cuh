@@ -8,6 +8,8 @@
 // Deterministic, no atomics, as the mma.sync backward: each output tile has one owner, so S and dP are computed in
 // both kernels (7 GEMMs where an atomic dq would need 5), and the group's dk/dv sum happens in registers.
 // Layouts: q, o, do [B, S, Hq, D], k, v [B, S, Hkv, D] bf16; lse, dsum [B, Hq, S] fp32; dq like q, dk/dv like k.
+// Or packed documents (varlen): [T, H, D] with int32 offsets cu_seqlens [B + 1] for queries and keys alike, lse and
+// dsum [Hq, T]; a sequence's tiles start at its offset, rows past it are masked and never stored.
 #pragma once
 
 #include "flash_fwd_sm90.cuh"  // same folder: found from the extension and from dev/attention
@@ -67,16 +69,37 @@ struct BwdConfig {
 struct BwdParams {
   BwdConfig::TmaBig tma_q_big, tma_do_big, tma_k_big, tma_v_big;
   BwdConfig::TmaSmall tma_q_small, tma_do_small, tma_k_small, tma_v_small;
-  const float* lse;   // [B, Hq, S], natural log
-  const float* dsum;  // [B, Hq, S]
+  const float* lse;   // [B, Hq, S] or [Hq, T], natural log
+  const float* dsum;  // like lse
   cutlass::bfloat16_t *dq, *dk, *dv;
-  int batch, seqlen, heads_q, heads_kv;
+  const int* cu_seqlens;  // [B + 1] (varlen) or null
+  int batch, seqlen, heads_q, heads_kv;  // seqlen: S, or the longest sequence (varlen: sizes the grid)
+  int rows;                              // rows of the views: S, or T (varlen)
   float scale, scale_log2;
 };
 
 // ------------------------------------------------------------------------------------------------------------------
 // Shared pieces
 // ------------------------------------------------------------------------------------------------------------------
+
+// Sequence `seq` (blockIdx.y) as the kernels see it: where its rows start in the (rows, D, H, batches) views and in
+// o/dq/dk/dv, its length, and which batch index the views take.
+struct BwdSeq {
+  int start, len, view_batch, batches;
+  int64_t row_base;  // rows of the [*, H, D] tensors before this sequence's row 0
+  __device__ BwdSeq(BwdParams const& p, int seq) {
+    const bool packed = p.cu_seqlens != nullptr;
+    start = packed ? p.cu_seqlens[seq] : 0;
+    len = packed ? p.cu_seqlens[seq + 1] - start : p.seqlen;
+    view_batch = packed ? 0 : seq;
+    batches = packed ? 1 : p.batch;
+    row_base = packed ? int64_t(start) : int64_t(seq) * p.seqlen;
+  }
+  // index of this sequence's row 0 of query head h in lse/dsum: [B, Hq, S] or [Hq, T]
+  __device__ int64_t stat_base(BwdParams const& p, int h) const {
+    return p.cu_seqlens ? int64_t(h) * p.rows + start : (int64_t(view_batch) * p.heads_q + h) * len;
+  }
+};
 
 template <class Cfg>
 __device__ __forceinline__ void init_bwd_barriers(typename Cfg::SharedStorage& smem) {
@@ -95,20 +118,22 @@ __device__ __forceinline__ void init_bwd_barriers(typename Cfg::SharedStorage& s
 
 // TMA of one 128-row tile (rows row0.., head h, batch b) into `dst` (SmemBig), completing on `bar`.
 template <class Tma, class Dst>
-__device__ __forceinline__ void load_big(Tma const& tma, int rows, int heads, int batches, int row0, int h, int b,
-                                         Dst& dst, uint64_t& bar) {
+__device__ __forceinline__ void load_big(Tma const& tma, int rows, int heads, int batches, int seq_start, int row0,
+                                         int h, int b, Dst& dst, uint64_t& bar) {
   Tensor m = tma.get_tma_tensor(make_shape(rows, int(BwdConfig::kHeadDim), heads, batches));
-  Tensor g = local_tile(m(_, _, h, b), Shape<BwdConfig::Big, BwdConfig::HDim>{}, make_coord(row0 / int(BwdConfig::kBig), _0{}));
+  Tensor g = local_tile(domain_offset(make_coord(seq_start, _0{}), m(_, _, h, b)),
+                        Shape<BwdConfig::Big, BwdConfig::HDim>{}, make_coord(row0 / int(BwdConfig::kBig), _0{}));
   auto cta = tma.get_slice(0);
   copy(tma.with(bar), cta.partition_S(g), cta.partition_D(dst));
 }
 
 // TMA of one 64-row tile (tile index `tile` of 64 rows) into stage `stage` of `ring` (SmemSmall).
 template <class Tma, class Ring>
-__device__ __forceinline__ void load_small(Tma const& tma, int rows, int heads, int batches, int tile, int h, int b,
-                                           Ring& ring, int stage, uint64_t& bar) {
+__device__ __forceinline__ void load_small(Tma const& tma, int rows, int heads, int batches, int seq_start, int tile,
+                                           int h, int b, Ring& ring, int stage, uint64_t& bar) {
   Tensor m = tma.get_tma_tensor(make_shape(rows, int(BwdConfig::kHeadDim), heads, batches));
-  Tensor g = local_tile(m(_, _, h, b), Shape<BwdConfig::Small, BwdConfig::HDim>{}, make_coord(tile, _0{}));
+  Tensor g = local_tile(domain_offset(make_coord(seq_start, _0{}), m(_, _, h, b)),
+                        Shape<BwdConfig::Small, BwdConfig::HDim>{}, make_coord(tile, _0{}));
   auto cta = tma.get_slice(0);
   Tensor dst = cta.partition_D(ring);  // (TMA, 1, 1, stage)
   copy(tma.with(bar), cta.partition_S(g), dst(_, _, _, stage));
@@ -116,26 +141,29 @@ __device__ __forceinline__ void load_small(Tma const& tma, int rows, int heads, 
 
 // The producer's two fixed tiles (128 rows at row0 of head h from tma0 and tma1), one transaction on big_full.
 template <class Cfg, class Tma, class Dst>
-__device__ __forceinline__ void load_big_pair(typename Cfg::SharedStorage& smem, Tma const& tma0, Tma const& tma1,
-                                              int rows, int heads, int batches, int row0, int h, int b, Dst& dst0,
-                                              Dst& dst1) {
+__device__ __forceinline__ void load_big_pair(typename Cfg::SharedStorage& smem, BwdParams const& p, BwdSeq const& sq,
+                                              Tma const& tma0, Tma const& tma1, int heads, int row0, int h,
+                                              Dst& dst0, Dst& dst1) {
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.big_full, 2 * Cfg::kBigBytes);
-  load_big(tma0, rows, heads, batches, row0, h, b, dst0, smem.big_full);
-  load_big(tma1, rows, heads, batches, row0, h, b, dst1, smem.big_full);
+  load_big(tma0, p.rows, heads, sq.batches, sq.start, row0, h, sq.view_batch, dst0, smem.big_full);
+  load_big(tma1, p.rows, heads, sq.batches, sq.start, row0, h, sq.view_batch, dst1, smem.big_full);
 }
 
 // One producer step: 64-row tile `tile` of head h from tma0 into ring 0 and from tma1 into ring 1, each slot
 // waited for (empty) and announced (full, with its byte count) on its own barriers.
 template <class Cfg, class Tma, class Ring>
 __device__ __forceinline__ void load_small_pair(typename Cfg::SharedStorage& smem, RingPos<Cfg::kStages> const& pos,
-                                                Tma const& tma0, Tma const& tma1, int rows, int heads, int batches,
-                                                int tile, int h, int b, Ring& ring0, Ring& ring1) {
+                                                BwdParams const& p, BwdSeq const& sq, Tma const& tma0,
+                                                Tma const& tma1, int heads, int tile, int h, Ring& ring0,
+                                                Ring& ring1) {
   cutlass::arch::ClusterBarrier::wait(&smem.empty0[pos.stage], pos.phase ^ 1);
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full0[pos.stage], Cfg::kSmallBytes);
-  load_small(tma0, rows, heads, batches, tile, h, b, ring0, pos.stage, smem.full0[pos.stage]);
+  load_small(tma0, p.rows, heads, sq.batches, sq.start, tile, h, sq.view_batch, ring0, pos.stage,
+             smem.full0[pos.stage]);
   cutlass::arch::ClusterBarrier::wait(&smem.empty1[pos.stage], pos.phase ^ 1);
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full1[pos.stage], Cfg::kSmallBytes);
-  load_small(tma1, rows, heads, batches, tile, h, b, ring1, pos.stage, smem.full1[pos.stage]);
+  load_small(tma1, p.rows, heads, sq.batches, sq.start, tile, h, sq.view_batch, ring1, pos.stage,
+             smem.full1[pos.stage]);
 }
 
 // Rounded bf16 pairs of an fp32 accumulator into an RS-wgmma A fragment (same flat order: the layout self-test).
@@ -175,9 +203,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
   using Element = typename Cfg::Element;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
-  const int m_block = gridDim.z - 1 - blockIdx.z, h = blockIdx.x, b = blockIdx.y;  // longest tiles first
-  const int hkv = h / (p.heads_q / p.heads_kv), S = p.seqlen;
+  const int m_block = gridDim.z - 1 - blockIdx.z, h = blockIdx.x;  // longest tiles first
+  const BwdSeq sq(p, blockIdx.y);
+  const int hkv = h / (p.heads_q / p.heads_kv), S = sq.len;
   const int row0 = m_block * Cfg::kBig;
+  if (row0 >= S) return;  // a varlen grid's tile past a short sequence; uniform, before any barrier
   const int n_tiles = cute::ceil_div(std::min(S, row0 + Cfg::kBig), int(Cfg::kSmall));  // key tiles 0 .. n_tiles - 1
   init_bwd_barriers<Cfg>(smem);
   __syncthreads();
@@ -191,10 +221,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (threadIdx.x == 0) {
-      load_big_pair<Cfg>(smem, p.tma_q_big, p.tma_do_big, S, p.heads_q, p.batch, row0, h, b, sQ, sdO);
+      load_big_pair<Cfg>(smem, p, sq, p.tma_q_big, p.tma_do_big, p.heads_q, row0, h, sQ, sdO);
       RingPos<Cfg::kStages> pos;
       for (int n = n_tiles - 1; n >= 0; --n) {
-        load_small_pair<Cfg>(smem, pos, p.tma_k_small, p.tma_v_small, S, p.heads_kv, p.batch, n, hkv, b, sK, sV);
+        load_small_pair<Cfg>(smem, pos, p, sq, p.tma_k_small, p.tma_v_small, p.heads_kv, n, hkv, sK, sV);
         pos.advance();
       }
     }
@@ -229,7 +259,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + int(get<0>(s_coords(r, 0)));
-    const int64_t at = (int64_t(b) * p.heads_q + h) * S + row;
+    const int64_t at = sq.stat_base(p, h) + row;
     lse2[r] = row < S ? p.lse[at] * 1.4426950408889634f : 0.f;
     dsum[r] = row < S ? p.dsum[at] : 0.f;
   }
@@ -264,7 +294,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
     release_slot(&smem.empty0[pos.stage]);
     pos.advance();
   }
-  store_rows(dq, dq_coords, p.scale, row0, S, p.dq + (int64_t(b) * S * p.heads_q + h) * Cfg::kHeadDim,
+  store_rows(dq, dq_coords, p.scale, row0, S, p.dq + (sq.row_base * p.heads_q + h) * Cfg::kHeadDim,
              int64_t(p.heads_q) * Cfg::kHeadDim);
 }
 
@@ -278,9 +308,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   using Element = typename Cfg::Element;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
-  const int n_block = blockIdx.z, hkv = blockIdx.x, b = blockIdx.y;  // low n first: the longest query ranges
-  const int group = p.heads_q / p.heads_kv, S = p.seqlen;
+  const int n_block = blockIdx.z, hkv = blockIdx.x;  // low n first: the longest query ranges
+  const BwdSeq sq(p, blockIdx.y);
+  const int group = p.heads_q / p.heads_kv, S = sq.len;
   const int key0 = n_block * Cfg::kBig;
+  if (key0 >= S) return;  // a varlen grid's tile past a short sequence; uniform, before any barrier
   const int m_first = key0 / Cfg::kSmall, m_end = cute::ceil_div(S, int(Cfg::kSmall));  // query tiles that see a key
   const int per_head = m_end - m_first;
   init_bwd_barriers<Cfg>(smem);
@@ -296,11 +328,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
     if (threadIdx.x == 0) {
-      load_big_pair<Cfg>(smem, p.tma_k_big, p.tma_v_big, S, p.heads_kv, p.batch, key0, hkv, b, sK, sV);
+      load_big_pair<Cfg>(smem, p, sq, p.tma_k_big, p.tma_v_big, p.heads_kv, key0, hkv, sK, sV);
       RingPos<Cfg::kStages> pos;
       for (int it = 0; it < group * per_head; ++it) {
         const int h = hkv * group + it / per_head, m = m_first + it % per_head;
-        load_small_pair<Cfg>(smem, pos, p.tma_q_small, p.tma_do_small, S, p.heads_q, p.batch, m, h, b, sQ, sdO);
+        load_small_pair<Cfg>(smem, pos, p, sq, p.tma_q_small, p.tma_do_small, p.heads_q, m, h, sQ, sdO);
         pos.advance();
       }
     }
@@ -344,8 +376,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   for (int it = 0; it < group * per_head; ++it) {
     const int h = hkv * group + it / per_head, m = m_first + it % per_head;
     const int q0 = m * Cfg::kSmall;
-    const float* lse_h = p.lse + (int64_t(b) * p.heads_q + h) * S;
-    const float* dsum_h = p.dsum + (int64_t(b) * p.heads_q + h) * S;
+    const float* lse_h = p.lse + sq.stat_base(p, h);
+    const float* dsum_h = p.dsum + sq.stat_base(p, h);
     cutlass::arch::ClusterBarrier::wait(&smem.full0[pos.stage], pos.phase);
     wgmma_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, pos.stage), tSrS);    // Sᵀ = k qᵀ
     cutlass::arch::ClusterBarrier::wait(&smem.full1[pos.stage], pos.phase);
@@ -377,7 +409,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
     pos.advance();
   }
   const int64_t row_stride = int64_t(p.heads_kv) * Cfg::kHeadDim;
-  const int64_t base = (int64_t(b) * S * p.heads_kv + hkv) * Cfg::kHeadDim;
+  const int64_t base = (sq.row_base * p.heads_kv + hkv) * Cfg::kHeadDim;
   store_rows(dk, o_coords, p.scale, key0, S, p.dk + base, row_stride);
   store_rows(dv, o_coords, 1.f, key0, S, p.dv + base, row_stride);
 }
@@ -411,12 +443,14 @@ __global__ void dsum_sm90_kernel(const __nv_bfloat16* o, const __nv_bfloat16* do
 template <class Cfg = BwdConfig>
 BwdParams make_bwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_t* k, const cutlass::bfloat16_t* v,
                           const cutlass::bfloat16_t* dout, const float* lse, const float* dsum,
-                          cutlass::bfloat16_t* dq, cutlass::bfloat16_t* dk, cutlass::bfloat16_t* dv, int batch,
-                          int seqlen, int heads_q, int heads_kv, float scale) {
+                          cutlass::bfloat16_t* dq, cutlass::bfloat16_t* dk, cutlass::bfloat16_t* dv,
+                          const int* cu_seqlens, int batch, int seqlen, int total_rows, int heads_q, int heads_kv,
+                          float scale) {
   const int64_t d = Cfg::kHeadDim;
-  auto layout = [&](int heads) {  // (rows, D, H, B) of a [B, S, H, D] tensor
-    return make_layout(make_shape(seqlen, int(d), heads, batch),
-                       make_stride(int64_t(heads) * d, _1{}, d, int64_t(seqlen) * heads * d));
+  const int rows = cu_seqlens ? total_rows : seqlen, batches = cu_seqlens ? 1 : batch;
+  auto layout = [&](int heads) {  // (rows, D, H, B) of a [B, S, H, D] tensor, or (T, D, H, 1) of [T, H, D]
+    return make_layout(make_shape(rows, int(d), heads, batches),
+                       make_stride(int64_t(heads) * d, _1{}, d, int64_t(rows) * heads * d));
   };
   auto big = [&](const cutlass::bfloat16_t* t, int heads) {
     return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(t), layout(heads)), typename Cfg::SmemBig{});
@@ -425,11 +459,12 @@ BwdParams make_bwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_
     return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(t), layout(heads)),
                          take<0, 2>(typename Cfg::SmemSmall{}));
   };
-  return BwdParams{big(q, heads_q),    big(dout, heads_q),    big(k, heads_kv),    big(v, heads_kv),
-                   small(q, heads_q),  small(dout, heads_q),  small(k, heads_kv),  small(v, heads_kv),
-                   lse,                dsum,                  dq,                  dk,
-                   dv,                 batch,                 seqlen,              heads_q,
-                   heads_kv,           scale,                 scale * 1.4426950408889634f};
+  return BwdParams{big(q, heads_q),   big(dout, heads_q),   big(k, heads_kv),   big(v, heads_kv),
+                   small(q, heads_q), small(dout, heads_q), small(k, heads_kv), small(v, heads_kv),
+                   lse,               dsum,                 dq,                 dk,
+                   dv,                cu_seqlens,           batch,              seqlen,
+                   heads_q,           heads_kv,             rows,               scale,
+                   scale * 1.4426950408889634f};
 }
 
 // Opt both kernels in to the shared memory they need (before the first launch on a device).
@@ -445,9 +480,10 @@ cudaError_t prepare_bwd() {
 template <class Cfg = BwdConfig>
 void launch_bwd(BwdParams const& p, const __nv_bfloat16* o, const __nv_bfloat16* dout, float* dsum,
                 cudaStream_t stream) {
-  const int64_t rows = int64_t(p.batch) * p.seqlen * p.heads_q;
-  dsum_sm90_kernel<<<unsigned((rows * 32 + 255) / 256), 256, 0, stream>>>(o, dout, dsum, p.batch, p.seqlen,
-                                                                          p.heads_q);
+  // packed: [T, Hq, D] rows into [Hq, T], the fixed-length layout of one sequence of T rows
+  const int batches = p.cu_seqlens ? 1 : p.batch;
+  const int64_t rows = int64_t(batches) * p.rows * p.heads_q;
+  dsum_sm90_kernel<<<unsigned((rows * 32 + 255) / 256), 256, 0, stream>>>(o, dout, dsum, batches, p.rows, p.heads_q);
   const int smem = int(sizeof(typename Cfg::SharedStorage));
   const int tiles = cute::ceil_div(p.seqlen, int(Cfg::kBig));
   // tiles on z: blocks go out x fastest, so every head's longest tiles first

@@ -286,7 +286,7 @@ int main(int argc, char** argv) {
         reinterpret_cast<const cutlass::bfloat16_t*>(q), reinterpret_cast<const cutlass::bfloat16_t*>(k),
         reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<const cutlass::bfloat16_t*>(dout), lse,
         dsum, reinterpret_cast<cutlass::bfloat16_t*>(dq), reinterpret_cast<cutlass::bfloat16_t*>(dk),
-        reinterpret_cast<cutlass::bfloat16_t*>(dv), B, S, Hq, Hkv, scale);
+        reinterpret_cast<cutlass::bfloat16_t*>(dv), nullptr, B, S, 0, Hq, Hkv, scale);
     cudaEvent_t done;
     CUDA_CHECK(cudaEventCreate(&done));
     launch_bwd(bp, o, dout, dsum, nullptr);
