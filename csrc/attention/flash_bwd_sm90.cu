@@ -26,6 +26,7 @@ bool flash_bwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
   const bool aligned = ((q | k | v | dout) % 16) == 0;
   return causal && cu_seqlens == cu_seqlens_k && seqlen_q == seqlen_k && rows_q == rows_k &&
          d == sm90::BwdConfig::kHeadDim && dtype == static_cast<int>(DType::BF16) && aligned && batch <= 65535 &&
+         (seqlen_q + sm90::BwdConfig::kBig - 1) / sm90::BwdConfig::kBig <= 65535 &&  // tiles on grid z
          rows_q * hq * d * 2 < (std::int64_t(1) << 40);
 }
 

@@ -95,10 +95,11 @@ struct BwdSeq {
     batches = packed ? 1 : p.batch;
     row_base = packed ? int64_t(start) : int64_t(seq) * p.seqlen;
   }
-  // index of this sequence's row 0 of query head h in lse/dsum: [B, Hq, S] or [Hq, T]
-  __device__ int64_t stat_base(BwdParams const& p, int h) const {
-    return p.cu_seqlens ? int64_t(h) * p.rows + start : (int64_t(view_batch) * p.heads_q + h) * len;
+  // lse/dsum of query head h start at stat0 + h · stat_stride: [B, Hq, S] or [Hq, T]
+  __device__ int64_t stat0(BwdParams const& p) const {
+    return p.cu_seqlens ? int64_t(start) : int64_t(view_batch) * p.heads_q * len;
   }
+  __device__ int stat_stride(BwdParams const& p) const { return p.cu_seqlens ? p.rows : len; }
 };
 
 template <class Cfg>
@@ -177,7 +178,8 @@ __device__ __forceinline__ void to_bf16(TS const& acc, TP& frag) {
   }
 }
 
-// Writes a (2 rows, cols) fp32 accumulator view, times `mul`, as bf16 pairs into rows of a [B, S, H, D] tensor.
+// Writes a (2 rows, cols) fp32 accumulator view, times `mul`, as bf16 pairs into rows of a [B, S, H, D] (or
+// packed [T, H, D]) tensor.
 template <class Acc, class Coords>
 __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords, float mul, int row0, int seqlen,
                                            cutlass::bfloat16_t* base, int64_t row_stride) {
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + int(get<0>(s_coords(r, 0)));
-    const int64_t at = sq.stat_base(p, h) + row;
+    const int64_t at = sq.stat0(p) + int64_t(h) * sq.stat_stride(p) + row;
     lse2[r] = row < S ? p.lse[at] * 1.4426950408889634f : 0.f;
     dsum[r] = row < S ? p.dsum[at] : 0.f;
   }
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
         const int key = col0 + int(get<1>(s_coords(r, c)));
         const bool keep = !edge || (key <= row && key < S);
         const float pr = keep ? fast_exp2(s(r, c) * p.scale_log2 - lse2[r]) : 0.f;
-        s(r, c) = pr * (dp(r, c) - dsum[r]);  // dS
+        s(r, c) = keep ? pr * (dp(r, c) - dsum[r]) : 0.f;  // dS (masked: 0 even if dP is not finite)
       }
     }
     to_bf16(tSrS, tQrdS);
@@ -313,6 +315,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   const int group = p.heads_q / p.heads_kv, S = sq.len;
   const int key0 = n_block * Cfg::kBig;
   if (key0 >= S) return;  // a varlen grid's tile past a short sequence; uniform, before any barrier
+  const int64_t stat0 = sq.stat0(p);  // hoisted: per iteration it cost registers (spills)
+  const int stat_stride = sq.stat_stride(p);
   const int m_first = key0 / Cfg::kSmall, m_end = cute::ceil_div(S, int(Cfg::kSmall));  // query tiles that see a key
   const int per_head = m_end - m_first;
   init_bwd_barriers<Cfg>(smem);
@@ -376,8 +380,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   for (int it = 0; it < group * per_head; ++it) {
     const int h = hkv * group + it / per_head, m = m_first + it % per_head;
     const int q0 = m * Cfg::kSmall;
-    const float* lse_h = p.lse + sq.stat_base(p, h);
-    const float* dsum_h = p.dsum + sq.stat_base(p, h);
+    const int64_t stat_h = stat0 + int64_t(h) * stat_stride;
+    const float* lse_h = p.lse + stat_h;
+    const float* dsum_h = p.dsum + stat_h;
     cutlass::arch::ClusterBarrier::wait(&smem.full0[pos.stage], pos.phase);
     wgmma_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, pos.stage), tSrS);    // Sᵀ = k qᵀ
     cutlass::arch::ClusterBarrier::wait(&smem.full1[pos.stage], pos.phase);
@@ -476,7 +481,9 @@ cudaError_t prepare_bwd() {
   return cudaFuncSetAttribute(dkdv_sm90_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
 }
 
-// The whole backward on one stream: dsum (into the caller's [B, Hq, S] fp32 workspace), then dq and dk/dv.
+// The whole backward on one stream: dsum (into the caller's fp32 workspace shaped like lse: [B, Hq, S] or [Hq, T]),
+// then dq and dk/dv. (Packed documents: a non-finite value in the next document's rows would reach this one's
+// gradients through 0 · Inf inside the wgmma, as in the forward; finite inputs give exact masking.)
 template <class Cfg = BwdConfig>
 void launch_bwd(BwdParams const& p, const __nv_bfloat16* o, const __nv_bfloat16* dout, float* dsum,
                 cudaStream_t stream) {

@@ -24,6 +24,7 @@ bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
   // not stop the launch in this NDEBUG build, so anything larger stays on the mma.sync kernel.
   const bool aligned = ((q | k | v | out) % 16) == 0;
   if (rows * hq * d * 2 >= (std::int64_t(1) << 40)) return false;
+  if ((seqlen_q + sm90::FwdConfig::kBlockM - 1) / sm90::FwdConfig::kBlockM > 65535) return false;  // tiles on grid z
   // Packed documents: one set of offsets for queries and keys (self-attention within each document).
   return causal && cu_seqlens == cu_seqlens_k && seqlen_q == seqlen_k && d == sm90::FwdConfig::kHeadDim &&
          dtype == static_cast<int>(DType::BF16) && aligned;
