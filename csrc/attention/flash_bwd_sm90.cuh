@@ -274,20 +274,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
     wgmma_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, pos.stage), tSrS);   // S = q kᵀ
     cutlass::arch::ClusterBarrier::wait(&smem.full1[pos.stage], pos.phase);
     wgmma_gemm<true>(mma_s, tPrdO, tPrV(_, _, _, pos.stage), tPrP);  // dP = do vᵀ
-    wgmma_wait<0>(tSrS, tPrP);
-    release_slot(&smem.empty1[pos.stage]);  // v is done with
+    wgmma_wait<1>(tSrS);  // S is done; P is computed while dP still runs
 
     const int col0 = n * Cfg::kSmall;
     const bool edge = col0 + Cfg::kSmall - 1 > row0 || col0 + Cfg::kSmall > S;  // the diagonal or the tail
+    auto keep = [&](int r, int c) {
+      const int row = row0 + int(get<0>(s_coords(r, 0))), key = col0 + int(get<1>(s_coords(r, c)));
+      return !edge || (key <= row && key < S);
+    };
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) {
-      const int row = row0 + int(get<0>(s_coords(r, 0)));
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) s(r, c) = keep(r, c) ? fast_exp2(s(r, c) * p.scale_log2 - lse2[r]) : 0.f;
+    }
+    wgmma_wait<0>(tPrP);
+    release_slot(&smem.empty1[pos.stage]);  // v is done with
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
-        const int key = col0 + int(get<1>(s_coords(r, c)));
-        const bool keep = !edge || (key <= row && key < S);
-        const float pr = keep ? fast_exp2(s(r, c) * p.scale_log2 - lse2[r]) : 0.f;
-        s(r, c) = keep ? pr * (dp(r, c) - dsum[r]) : 0.f;  // dS (masked: 0 even if dP is not finite)
+        s(r, c) = keep(r, c) ? s(r, c) * (dp(r, c) - dsum[r]) : 0.f;  // dS (masked: 0 even if dP is not finite)
       }
     }
     to_bf16(tSrS, tQrdS);
@@ -387,6 +393,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
     wgmma_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, pos.stage), tSrS);    // Sᵀ = k qᵀ
     cutlass::arch::ClusterBarrier::wait(&smem.full1[pos.stage], pos.phase);
     wgmma_gemm<true>(mma_s, tPrV, tPrdO(_, _, _, pos.stage), tPrP);   // dPᵀ = v doᵀ
+    // One wait for both: with wait<1> first (Pᵀ while dPᵀ runs, as the dq kernel does), ptxas moved the second
+    // wait up to the first anyway and the extra live registers spilled (28 B against 8 B).
     wgmma_wait<0>(tSrS, tPrP);
 
     const bool edge = key0 + Cfg::kBig - 1 > q0 || q0 + Cfg::kSmall > S;  // the diagonal or the tail
