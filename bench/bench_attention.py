@@ -188,11 +188,7 @@ def cases(ctx: Context) -> list[Case]:
         for mode in ("fwd", "bwd"):
             impls = [
                 Impl(OURS, _ours, ours=True),
-                *(
-                    [Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=sm90_skip(cuda_skip))]
-                    if mode == "fwd"
-                    else []
-                ),
+                Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=sm90_skip(cuda_skip)),
                 Impl("SDPA flash", sdpa("FLASH_ATTENTION")),
                 Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip),
                 Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip),

@@ -10,6 +10,8 @@ its weight 2·K, SwiGLU 4·K); the weight dominates.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llama3_kernels import ops, reference
@@ -117,8 +119,9 @@ def decode_cases(ctx: Context) -> list[Case]:
     out = []
     for name, n, k, prologue in shapes:
         extra = {"rms_norm": 6 * k, "swiglu": 4 * k, "none": 2 * k}[prologue]
+        off = "decode GEMV off in this run (L3K_DECODE_GEMV=0)" if os.environ.get("L3K_DECODE_GEMV") == "0" else None
         impls = [
-            Impl(OURS, _decode_ours(prologue), ours=True),
+            Impl(OURS, _decode_ours(prologue), ours=True, skip=off),
             Impl("llama3_kernels ops + F.linear (unfused)", _decode_unfused(prologue, False)),
             Impl("PyTorch ops + F.linear (cuBLAS)", _decode_unfused(prologue, True)),
         ]

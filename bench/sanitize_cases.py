@@ -86,16 +86,16 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         if os.environ.get("L3K_SM90_GATE"):  # bench/device_check.sh: a kernel failed its standalone check
             print(f"flash_attention sm90: skipped, L3K_SM90_GATE={os.environ['L3K_SM90_GATE']}")
             return
-        os.environ["L3K_FLASH_FWD_SM90"] = os.environ["L3K_FLASH_BWD_SM90"] = "1"  # the opt-in TMA + wgmma kernels
-        try:
+        from llama3_kernels.bench.harness import env_set
+
+        with env_set({"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}):  # the opt-in TMA + wgmma kernels
             q, k, v = r(2, 77, 8, 128, grad=True), r(2, 77, 2, 128, grad=True), r(2, 77, 2, 128, grad=True)
             out = ops.flash_attention(q, k, v, causal=True)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
             cu = torch.tensor([0, 13, 77, 127, 154], dtype=torch.int32, device=dev)
-            qp, kp = r(154, 8, 128), r(154, 2, 128)
-            ops.flash_attention(qp, kp, r(154, 2, 128), True, None, cu, 64)
-        finally:
-            del os.environ["L3K_FLASH_FWD_SM90"], os.environ["L3K_FLASH_BWD_SM90"]
+            qp, kp, vp = r(154, 8, 128, grad=True), r(154, 2, 128, grad=True), r(154, 2, 128, grad=True)
+            out = ops.flash_attention(qp, kp, vp, True, None, cu, 64)
+            torch.autograd.grad(out, (qp, kp, vp), torch.randn_like(out))
 
     def rope(d: int):
         hq, hkv = 8, 2

@@ -297,3 +297,6 @@ def test_cli_generates_from_a_meta_checkpoint(gen, tmp_path, capsys):
     assert main([*argv, "--device", "cpu", "--fp8"]) == 0  # 2 layers: FP8 skips first and last, nothing changes
     out = capsys.readouterr().out
     assert f"=== Hi\n{want.text[0]}\n" in out and f"=== Yo\n{want.text[1]}\n" in out
+    assert main([*argv, "--device", "cpu", "--fp8", "--fp8-skip-outliers"]) == 0  # calibrates, same 16-bit layers
+    assert f"=== Hi\n{want.text[0]}\n" in capsys.readouterr().out
+    assert main([*argv, "--fp8-skip-outliers"]) == 2 and "needs --fp8" in capsys.readouterr().err

@@ -616,15 +616,19 @@ def test_decode_gemv_opcheck(gen):
     "call,name",
     [
         (lambda x, w: l3k.decode_linear(x[:, :10], w), "x"),
+        (lambda x, w: l3k.decode_linear(x[:5, :10], w), "x"),  # more rows than the GEMV takes: still named
         (lambda x, w: l3k.decode_linear(x, w[0]), "weight"),
-        (lambda x, w: l3k.rms_norm_linear(x, torch.ones(7), 1e-5, w), "x"),
+        (lambda x, w: l3k.decode_linear(x.long(), w), "x"),
+        (lambda x, w: l3k.decode_linear(x, w.half()), "weight"),
+        (lambda x, w: l3k.rms_norm_linear(x, torch.ones(7), 1e-5, w), "norm_weight"),
+        (lambda x, w: l3k.rms_norm_linear(x, torch.ones(16, device="meta"), 1e-5, w), "norm_weight"),
         (lambda x, w: l3k.rms_norm_linear(x, torch.ones(16), 1e-5, w, residual=x[:1]), "residual"),
         (lambda x, w: l3k.swiglu_linear(x, w), "gate_up"),
     ],
 )
 def test_decode_linear_bad_inputs(call, name):
-    with pytest.raises(ValueError, match=rf"^{name}:"):
-        call(torch.ones(2, 16), torch.ones(4, 16))
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}:"):
+        call(torch.ones(6, 16), torch.ones(4, 16))
 
 
 # ----------------------------------------------------------------------------------------------- info

@@ -182,8 +182,8 @@ class Generator:
 
     def _capture(self) -> None:
         # Warm up on a side stream (as torch.cuda.graphs asks), then capture; the warm-up runs the real first
-        # step, so its cache writes are the ones replay makes. (Run on an H200: tests/test_generate.py's graphed
-        # decode equals eager decode.)
+        # step, so its cache writes are the ones replay makes. (Graphed decode equalled eager decode on an H200
+        # before the decode GEMV joined the step; with it, tests/test_generate.py has not run on a GPU yet.)
         st_tok, st_pos, st_len = self._static
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -312,7 +312,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fp8", action="store_true", help="row-wise FP8 FFNs (all layers but the first and last)")
     p.add_argument("--fp8-amax-ub", type=float, default=1200.0,
                    help="bound on activation row amax (the paper's 1200; inf keeps massive activations)")  # fmt: skip
-    p.add_argument("--fp8-skip-outliers", action="store_true",
+    p.add_argument("--fp8-skip-outliers", action="store_true",  # needs --fp8
                    help="with --fp8: keep layers whose activations exceed the bound on a calibration text in 16 bits")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -329,6 +329,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """`l3k generate`: load a checkpoint, generate from one or more prompts, stream text, report tokens/s."""
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.fp8_skip_outliers and not args.fp8:
+        print("error: --fp8-skip-outliers needs --fp8", file=sys.stderr)
+        return 2
     from llama3_kernels.model.checkpoint import load_model
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -341,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
 
         skip = []
         if args.fp8_skip_outliers:
-            calibration = torch.tensor([tokenizer.encode(fp8.CALIBRATION_TEXT)], device=args.device)
+            # encoded as prompts are (with bos where the tokenizer adds one): massive activations sit on it
+            ids = tokenizer.encode(fp8.CALIBRATION_TEXT, bos=getattr(tokenizer, "add_bos", True))
+            calibration = torch.tensor([ids], device=args.device)
             skip = fp8.outlier_layers(model, calibration, args.fp8_amax_ub)
         fp8.quantize_model_fp8(model, amax_ub=args.fp8_amax_ub, skip_layers=skip)
         print(f"[fp8 FFN layers: {model.fp8_layers}]", file=sys.stderr)

@@ -79,8 +79,9 @@ class FeedForwardFP8(nn.Module):
 
 @torch.no_grad()
 def ffn_activation_amax(model: Transformer, tokens: Tensor) -> list[float]:
-    """Per layer, the largest |value| that an FP8 FFN would quantize on `tokens` ([B, S] int64): the normed
-    FFN input and the SwiGLU output, over every row. The layers must still be 16-bit FeedForwards."""
+    """Per layer, the largest |value| that an FP8 FFN would quantize on `tokens` ([B, S] int64, cut to the model's
+    max_seq_len): the normed FFN input and the SwiGLU output, over every row. The layers must still be 16-bit
+    FeedForwards."""
     amax = [0.0] * len(model.layers)
 
     def record(i):
@@ -97,7 +98,7 @@ def ffn_activation_amax(model: Transformer, tokens: Tensor) -> list[float]:
             raise ValueError(f"model: layer {i} is already FP8; calibrate before quantize_model_fp8")
         hooks.append(layer.feed_forward.register_forward_hook(record(i)))
     try:
-        model(tokens)
+        model(tokens[:, : model.cfg.max_seq_len])
     finally:
         for h in hooks:
             h.remove()

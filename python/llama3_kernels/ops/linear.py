@@ -21,7 +21,9 @@ from torch import Tensor
 from llama3_kernels import reference
 from llama3_kernels.ops._common import (
     DTYPE_CODES,
+    FLOAT_DTYPES,
     HALF_DTYPES,
+    check_same_device,
     check_tensor,
     kernel,
     on_input_device,
@@ -78,6 +80,8 @@ def _ref(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | No
         a = reference.swiglu(x[:, :k], x[:, k : 2 * k])
     else:
         a = x
+    if w.dtype == a.dtype:  # no fp32 copy of the weight (the LM head's would be large)
+        return F.linear(a, w), h.contiguous()
     return (a.float() @ w.float().t()).to(x.dtype), h.contiguous()
 
 
@@ -85,9 +89,9 @@ def _ref(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | No
 def decode_gemv(
     x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int
 ) -> tuple[Tensor, Tensor]:
-    """x [M, Kx] rows (unit last stride), w [N, K]. Returns (y [M, N], h [M, K] for rms_norm with a residual, else
-    an empty tensor). prologue: 0 none (Kx = K), 1 rms_norm (x + residual, weight norm_weight [K]), 2 swiglu
-    (Kx >= 2K: gate in columns 0..K-1, up in K..2K-1)."""
+    """x [M, Kx] rows (unit last stride; the row stride may be larger), w [N, K]. Returns (y [M, N], h [M, K] for
+    rms_norm with a residual, else an empty tensor). prologue: 0 none (Kx = K), 1 rms_norm (x + residual, weight
+    norm_weight [K]), 2 swiglu (Kx = 2K: gate in columns 0..K-1, up in K..2K-1)."""
     return _ref(x, w, residual, norm_weight, eps, prologue)
 
 
@@ -144,11 +148,13 @@ def _fused(*tensors: Tensor | None) -> bool:
     return 1 <= rows <= MAX_ROWS and not needs_grad
 
 
-def _check(name: str, x: Tensor, w: Tensor) -> None:
-    check_tensor(name, x, min_ndim=1)
-    check_tensor("weight", w, ndim=2)
-    if x.device != w.device:
-        raise ValueError(f"weight: expected device {x.device} (like {name}), got {w.device}")
+def _check(name: str, x: Tensor, w: Tensor, width: int, **others: Tensor | None) -> None:
+    """x [..., width] and w [N, K] of one float dtype on one device; `others` (norm_weight, residual) there too."""
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("weight", w, dtypes=(x.dtype,), ndim=2)
+    check_same_device(**{name: x, "weight": w}, **others)
+    if x.shape[-1] != width:
+        raise ValueError(f"{name}: expected last dim {width} (from weight's K = {w.shape[1]}), got {x.shape[-1]}")
 
 
 def decode_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -157,11 +163,9 @@ def decode_linear(x: Tensor, weight: Tensor) -> Tensor:
     Raises:
         TypeError / ValueError naming the offending argument.
     """
-    _check("x", x, weight)
+    _check("x", x, weight, weight.shape[1] if weight.dim() == 2 else -1)
     if not _fused(x, weight):
         return F.linear(x, weight)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: expected last dim {weight.shape[1]} (weight's K), got {x.shape[-1]}")
     y, _ = decode_gemv(rows_view("x", x), weight, None, None, 0.0, NONE)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -176,18 +180,18 @@ def rms_norm_linear(
     Raises:
         TypeError / ValueError naming the offending argument.
     """
-    _check("x", x, weight)
+    k = weight.shape[1] if weight.dim() == 2 else -1
+    _check("x", x, weight, k, norm_weight=norm_weight, residual=residual)
+    check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES)
+    if norm_weight.shape != (k,):
+        raise ValueError(f"norm_weight: expected shape ({k},) (weight's K), got {tuple(norm_weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
     if not _fused(x, norm_weight, weight, residual):
         if residual is None:
             return F.linear(rms_norm(x, norm_weight, eps), weight), x
         y, h = rms_norm(x, norm_weight, eps, residual)
         return F.linear(y, weight), h
-    k = weight.shape[1]
-    if x.shape[-1] != k or norm_weight.shape != (k,):
-        raise ValueError(f"x: expected last dim {k} and norm_weight [{k}] (weight's K), got {x.shape[-1]}, "
-                         f"{tuple(norm_weight.shape)}")  # fmt: skip
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
     r2 = rows_view("residual", residual).contiguous() if residual is not None else None
     y, h = decode_gemv(rows_view("x", x), weight, r2, norm_weight, float(eps), RMS_NORM)
     y = y.view(*x.shape[:-1], weight.shape[0])
@@ -200,11 +204,8 @@ def swiglu_linear(gate_up: Tensor, weight: Tensor) -> Tensor:
     Raises:
         TypeError / ValueError naming the offending argument.
     """
-    _check("gate_up", gate_up, weight)
+    _check("gate_up", gate_up, weight, 2 * weight.shape[1] if weight.dim() == 2 else -1)
     if not _fused(gate_up, weight):
         return F.linear(swiglu(gate_up), weight)
-    f = weight.shape[1]
-    if gate_up.shape[-1] != 2 * f:
-        raise ValueError(f"gate_up: expected last dim {2 * f} (twice weight's K), got {gate_up.shape[-1]}")
     y, _ = decode_gemv(rows_view("gate_up", gate_up), weight, None, None, 0.0, SWIGLU)
     return y.view(*gate_up.shape[:-1], weight.shape[0])
