@@ -15,8 +15,9 @@
 #            "dev/attention/v2_wgmma_fwd", "dev/attention/v3_wgmma_bwd"])
 #      A start took ~40 s there; the whole run with the build skipped ~230 s then (more phases since: expect
 #      ~400-500 s), leaving room for a second call after a fix (give_back in between: idle time counts). The
-#      sm90gate phase runs the never-run Hopper attention kernels standalone first and keeps a failing one out of
-#      the tests, sanitizer and bench, so a pipeline hang cannot take the run down.
+#      sm90gate phase runs the never-run Hopper attention kernels standalone first, then (sm90tests) their GPU
+#      tests in a process of their own; gemvgate does the same for the decode GEMV. A kernel that fails is kept
+#      out of the rest of the run (tests, sanitizer, bench), so a pipeline hang or a fault cannot take it down.
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
 #        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
 #        git add bench/results/<stem>.* && git commit -m "bench: <gpu> results of <commit>" -- bench/results/<stem>.*
@@ -37,7 +38,7 @@
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
-# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,sm90gate,gemvgate,tests,sanitize,profile,sweep,trace,dev,bench);
+# Knobs: L3K_CHECK_BUDGET_S; L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,gemvgate,tests,sanitize,profile,sweep,trace,dev,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
 # (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
 # a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
@@ -200,6 +201,14 @@ elif grep -q "^gate failed: " "$LOGS/sm90gate.log" 2>/dev/null; then
 else
   L3K_SM90_GATE="fwd,bwd"  # the gate did not get to a verdict: keep both out
 fi
+# then their GPU tests (fixed length and packed documents, through the ops) in their own process, under the
+# phase's timeout: a hang there ends with the process, and a failure keeps both kernels out of the rest
+TEST_SELECT=()
+if [[ -z $L3K_SM90_GATE ]] && ! skipped sm90gate && ! skipped sm90tests; then
+  phase sm90tests 120 "$PY" -m pytest -q -x -p no:cacheprovider -rf tests/test_attention_cuda.py -k sm90
+  grep -qE "^[0-9]+ passed" "$LOGS/sm90tests.log" 2>/dev/null || L3K_SM90_GATE="fwd,bwd"
+  TEST_SELECT=(-k "not sm90")  # they ran here; sm90tests.log has them
+fi
 export L3K_SM90_GATE
 say "sm90 kernels kept out of this run: ${L3K_SM90_GATE:-none}"
 
@@ -222,7 +231,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TEST_ARGS+=(--timeout=60) # one hu
 SAN_S=$(($(left) < 150 ? $(left) : 150))
 phase sanitize 150 "$PY" bench/sanitize_cases.py --sanitize "${L3K_SANITIZE:-memcheck,racecheck}" \
   --timeout-s $((SAN_S - 10)) --log-dir "$LOGS" &
-phase tests 150 "$PY" -m pytest "${TEST_ARGS[@]}" "${TEST_IGNORE[@]}"
+phase tests 150 "$PY" -m pytest "${TEST_ARGS[@]}" "${TEST_IGNORE[@]}" "${TEST_SELECT[@]}"
 wait
 {
   [[ -f $LOGS/sanitize.log ]] && grep -E "^(memcheck|racecheck) .* ok \(" "$LOGS/sanitize.log" | sed 's/^/    /'
