@@ -75,11 +75,11 @@ def report(title: str, rows, top: int) -> None:
         print(f"    {ms:9.3f} ms  x{count:<4} [{group_of(name)}] {name[:110]}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="the debug model on the CPU (plumbing check)")
     ap.add_argument("--top", type=int, default=15)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("profile_step.py: needs a GPU (or --cpu)")
     ctx = Context(torch.device("cpu" if args.cpu else "cuda"))

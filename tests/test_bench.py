@@ -482,3 +482,29 @@ def test_sanitizer_families_cover_every_case_once():
     assert sorted(grouped) == sorted(names)
     assert {n for fam in sanitize_cases.RACECHECK.values() for n in fam} <= set(names)
     assert sanitize_cases.main(["--sanitize", "helgrind"]) == 2
+
+
+def test_env_set_restores(monkeypatch):
+    """The opt-in kernels' switches are set for the call only: an unset variable is unset again, a set one keeps
+    its value, also when the call raises."""
+    import os
+
+    monkeypatch.delenv("L3K_FLASH_FWD_SM90", raising=False)
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "0")
+    with pytest.raises(RuntimeError), harness.env_set({"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}):
+        assert os.environ["L3K_FLASH_FWD_SM90"] == os.environ["L3K_FLASH_BWD_SM90"] == "1"
+        raise RuntimeError("the call failed")
+    assert "L3K_FLASH_FWD_SM90" not in os.environ and os.environ["L3K_FLASH_BWD_SM90"] == "0"
+    with harness.env_set(None):  # no variables: nothing changes
+        pass
+
+
+def test_profile_step_cpu_plumbing(capsys):
+    """bench/profile_step.py (the device check's trace phase) on the CPU: every section with its kernel groups."""
+    from llama3_kernels.bench import profile_step
+
+    profile_step.main(["--cpu", "--top", "3"])
+    out = capsys.readouterr().out
+    for title in ("train step ours", "train step plain", "decode step ours", "decode step plain"):
+        assert f"== {title}" in out
+    assert "gemm" in out and "attention" in out

@@ -118,6 +118,18 @@ def test_public_ops_run_the_kernel_on_strided_rows(gen):
     _assert_close(y2, a2, w, gen.initial_seed())
 
 
+def test_switched_off_runs_the_unfused_ops(gen, monkeypatch):
+    """L3K_DECODE_GEMV=0 (what bench/device_check.sh sets when this kernel fails its gate): same values, no kernel."""
+    _need()
+    monkeypatch.setenv("L3K_DECODE_GEMV", "0")
+    x, w, res, g = _inputs(1, 64, 256, linear.RMS_NORM, torch.bfloat16, gen)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, _ = linear.rms_norm_linear(x, g, 1e-5, w, residual=res)
+        torch.cuda.synchronize()
+    assert not any("decode_gemv_kernel" in e.key for e in prof.key_averages())
+    _assert_close(y, _a(x, 256, res, g, linear.RMS_NORM)[0], w, gen.initial_seed())
+
+
 def test_fallbacks(gen):
     """More than 4 rows, fp32, or K past the shared-memory limit: the unfused ops, same values."""
     _need()

@@ -276,6 +276,23 @@ def test_fp8_quantization_of_a_fused_model(gen):
         torch.testing.assert_close(fused(tokens).float(), want, atol=2e-2 * float(want.abs().max()), rtol=0)
 
 
+def test_fused_fp8_decode_step_equals_full_forward(gen):
+    """A decode step of a fused model with FP8 FFNs (TransformerBlock._decode: the fused rms_norm_linear for q/k/v,
+    the FP8 layers' own norm + FFN) gives the logits the full forward gives at that position."""
+    cfg = get_config("debug", n_layers=4, **SMALL)
+    model = quantize_model_fp8(random_model(cfg, gen).fuse_projections())
+    assert model.fp8_layers == [1, 2]
+    tokens = tokens_like(cfg, 2, 7, gen)
+    with torch.no_grad():
+        want = model(tokens)[:, -1]  # no cache: the training-style path
+    model.setup_cache(2, 16)
+    with torch.inference_mode():
+        model(tokens[:, :-1])  # prefill writes the cache
+        pos = torch.full((2, 1), tokens.shape[1] - 1)
+        got = model(tokens[:, -1:], pos, cache_seqlens=torch.full((2,), tokens.shape[1], dtype=torch.int32))[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
 def test_cache_errors():
     model = Transformer(get_config("debug", **SMALL))
     with pytest.raises(ValueError, match="cache_seqlens"):
