@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama3_kernels import reference
 from llama3_kernels.ops._common import (
     DTYPE_CODES,
     FLOAT_DTYPES,
@@ -56,33 +55,23 @@ def _check_op(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor
         raise ValueError(f"norm_weight: the rms_norm prologue needs a [{k}] weight")
 
 
-def _prologue(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int):
-    """(a, h) through the library's own ops (kernels on a GPU where they apply): the GEMM input, rounded."""
-    k = w.shape[1]
-    if prologue == RMS_NORM:
-        if residual is None:
-            return rms_norm(x, norm_weight, eps), x.new_empty(0)
-        a, h = rms_norm(x, norm_weight, eps, residual)
-        return a, h.contiguous()
-    if prologue == SWIGLU:
-        return swiglu(x[:, :k], x[:, k : 2 * k]), x.new_empty(0)
-    return x, x.new_empty(0)
-
-
-def _ref(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int):
-    _check_op(x, w, residual, norm_weight, prologue)
+def _unfused(x: Tensor, w: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, prologue: int):
+    """(y, h) as separate ops: this library's rms_norm / swiglu (their references on a CPU, their kernels on a GPU
+    where those apply), rounded to x's dtype, then the product (in fp32 only when w's dtype differs)."""
     k = w.shape[1]
     h = x.new_empty(0)
-    if prologue == RMS_NORM:
-        a, h_new, _ = reference.rms_norm(x, norm_weight, eps, residual)
-        h = h if h_new is None else h_new
+    if prologue == RMS_NORM and residual is None:
+        a = rms_norm(x, norm_weight, eps)
+    elif prologue == RMS_NORM:
+        a, h = rms_norm(x, norm_weight, eps, residual)
+        h = h.contiguous()
     elif prologue == SWIGLU:
-        a = reference.swiglu(x[:, :k], x[:, k : 2 * k])
+        a = swiglu(x[:, :k], x[:, k : 2 * k])
     else:
         a = x
     if w.dtype == a.dtype:  # no fp32 copy of the weight (the LM head's would be large)
-        return F.linear(a, w), h.contiguous()
-    return (a.float() @ w.float().t()).to(x.dtype), h.contiguous()
+        return F.linear(a, w), h
+    return (a.float() @ w.float().t()).to(x.dtype), h
 
 
 @torch.library.custom_op("llama3_kernels::decode_gemv", mutates_args=())
@@ -92,7 +81,8 @@ def decode_gemv(
     """x [M, Kx] rows (unit last stride; the row stride may be larger), w [N, K]. Returns (y [M, N], h [M, K] for
     rms_norm with a residual, else an empty tensor). prologue: 0 none (Kx = K), 1 rms_norm (x + residual, weight
     norm_weight [K]), 2 swiglu (Kx = 2K: gate in columns 0..K-1, up in K..2K-1)."""
-    return _ref(x, w, residual, norm_weight, eps, prologue)
+    _check_op(x, w, residual, norm_weight, prologue)
+    return _unfused(x, w, residual, norm_weight, eps, prologue)
 
 
 def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
@@ -121,10 +111,7 @@ def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
 def _decode_gemv_cuda(x, w, residual, norm_weight, eps, prologue):
     _check_op(x, w, residual, norm_weight, prologue)
     if not _kernel_applies(x, w, residual, norm_weight, prologue):
-        if w.dtype != x.dtype:
-            return _ref(x, w, residual, norm_weight, eps, prologue)
-        a, h = _prologue(x, w, residual, norm_weight, eps, prologue)  # the unfused ops and cuBLAS, in x's dtype
-        return F.linear(a, w), h
+        return _unfused(x, w, residual, norm_weight, eps, prologue)
     m, (n, k) = x.shape[0], w.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, k) if residual is not None else (0,), dtype=x.dtype, device=x.device)
