@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -14,6 +16,12 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, E4M3 = 3 };
 inline DType to_dtype(int code, const char* arg) {
   if (code < 0 || code > 3) throw std::invalid_argument(std::string(arg) + ": unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
+}
+
+// An opt-in switch read from the environment at every call (tests and benches flip it): set to exactly "1".
+inline bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 // Throws std::invalid_argument (Python ValueError) naming the argument.

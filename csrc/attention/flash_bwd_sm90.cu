@@ -2,9 +2,6 @@
 // (flash_bwd.cu) calls it for the shapes it covers when enabled; everything else runs the mma.sync kernels.
 #include "attention/flash_bwd_sm90.cuh"
 
-#include <cstdlib>
-#include <cstring>
-
 #include "attention/attention.h"
 #include "common.h"
 
@@ -12,8 +9,7 @@ namespace l3k {
 
 bool flash_bwd_sm90_enabled() {
   // Opt-in until the kernels have passed their tests and beaten the mma.sync backward on an H100 (dev/attention).
-  const char* v = std::getenv("L3K_FLASH_BWD_SM90");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  return env_switch_on("L3K_FLASH_BWD_SM90");
 }
 
 bool flash_bwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t dout,

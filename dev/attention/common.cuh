@@ -48,6 +48,52 @@ __global__ void count_nonfinite_kernel(const T* x, int64_t n, unsigned long long
   if (local) atomicAdd(count, local);
 }
 
+// The naive fp32 causal attention of one query row (b, h, i), computed by a whole block: q [B, S, Hq, 128], k/v
+// [B, S, Hkv, 128] bf16; p is the block's scratch for the row's S probabilities (global or shared memory). Calls
+// store(d, o_d) for the output columns this thread owns and returns the row's lse (natural log), valid in every
+// thread. The reference of the forward check (harness.cuh) and of the backward's inputs (v3_wgmma_bwd.cu).
+template <class Store>
+__device__ float naive_attention_row(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int b,
+                                     int h, int i, int seqlen, int heads_q, int heads_kv, float scale, float* p,
+                                     Store store) {
+  constexpr int D = 128;
+  const int hk = h / (heads_q / heads_kv);
+  __shared__ float q_s[D], red[32];
+  const __nv_bfloat16* q_row = q + ((int64_t(b) * seqlen + i) * heads_q + h) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __bfloat162float(q_row[d]);
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+    const __nv_bfloat16* k_row = k + ((int64_t(b) * seqlen + j) * heads_kv + hk) * D;
+    float dot = 0.f;
+    for (int d = 0; d < D; ++d) dot += q_s[d] * __bfloat162float(k_row[d]);
+    p[j] = dot * scale;
+    mx = fmaxf(mx, p[j]);
+  }
+  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
+  __syncthreads();
+  mx = -INFINITY;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) mx = fmaxf(mx, red[w]);
+  __syncthreads();
+  float sum = 0.f;
+  for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+    p[j] = expf(p[j] - mx);
+    sum += p[j];
+  }
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
+  __syncthreads();  // also makes every p[j] written above visible to the whole block
+  sum = 0.f;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) sum += red[w];
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j <= i; ++j) acc += p[j] * __bfloat162float(v[((int64_t(b) * seqlen + j) * heads_kv + hk) * D + d]);
+    store(d, acc / sum);
+  }
+  return mx + logf(sum);
+}
+
 // Waits for `done`; false (after printing `what`) when it has not completed within `seconds`.
 inline bool wait_or_hang(cudaEvent_t done, int seconds, const char* what) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);

@@ -18,48 +18,11 @@
 __global__ void reference_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                       const int3* rows, float* scratch, float* o_ref, float* lse_ref, int seqlen,
                                       int heads_q, int heads_kv, float scale) {
-  constexpr int D = 128;
   const int3 item = rows[blockIdx.x];  // (batch, head, row)
-  const int b = item.x, h = item.y, i = item.z, hk = h / (heads_q / heads_kv);
-  const __nv_bfloat16* q_row = q + ((int64_t(b) * seqlen + i) * heads_q + h) * D;
-  float* s = scratch + int64_t(blockIdx.x) * seqlen;
-  __shared__ float q_s[D];
-  __shared__ float red[32];
-  for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __bfloat162float(q_row[d]);
-  __syncthreads();
-
-  float local_max = -INFINITY;
-  for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-    const __nv_bfloat16* k_row = k + ((int64_t(b) * seqlen + j) * heads_kv + hk) * D;
-    float dot = 0.f;
-    for (int d = 0; d < D; ++d) dot += q_s[d] * __bfloat162float(k_row[d]);
-    s[j] = dot * scale;
-    local_max = fmaxf(local_max, s[j]);
-  }
-  for (int off = 16; off > 0; off /= 2) local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffff, local_max, off));
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = local_max;
-  __syncthreads();
-  float row_max = -INFINITY;
-  for (int w = 0; w < int(blockDim.x / 32); ++w) row_max = fmaxf(row_max, red[w]);
-  __syncthreads();
-
-  float local_sum = 0.f;
-  for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-    s[j] = expf(s[j] - row_max);
-    local_sum += s[j];
-  }
-  for (int off = 16; off > 0; off /= 2) local_sum += __shfl_xor_sync(0xffffffff, local_sum, off);
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = local_sum;
-  __syncthreads();  // also makes every s[j] written above visible to the whole block
-  float row_sum = 0.f;
-  for (int w = 0; w < int(blockDim.x / 32); ++w) row_sum += red[w];
-
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j <= i; ++j) acc += s[j] * __bfloat162float(v[((int64_t(b) * seqlen + j) * heads_kv + hk) * D + d]);
-    o_ref[int64_t(blockIdx.x) * D + d] = acc / row_sum;
-  }
-  if (threadIdx.x == 0) lse_ref[blockIdx.x] = row_max + logf(row_sum);
+  float* o_row = o_ref + int64_t(blockIdx.x) * 128;
+  const float lse = naive_attention_row(q, k, v, item.x, item.y, item.z, seqlen, heads_q, heads_kv, scale,
+                                        scratch + int64_t(blockIdx.x) * seqlen, [&](int d, float x) { o_row[d] = x; });
+  if (threadIdx.x == 0) lse_ref[blockIdx.x] = lse;
 }
 
 

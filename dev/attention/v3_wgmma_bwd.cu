@@ -27,43 +27,12 @@ using Cfg = BwdConfig;
 // Naive forward for every row: o (bf16, as the real forward stores it) and lse (fp32). One block per (b, h, i).
 __global__ void forward_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                     __nv_bfloat16* o, float* lse, int seqlen, int heads_q, int heads_kv, float scale) {
-  constexpr int D = 128;
-  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (heads_q / heads_kv);
-  __shared__ float q_s[D], red[32];
+  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   extern __shared__ float p_s[];  // [seqlen]
-  const __nv_bfloat16* q_row = q + ((int64_t(b) * seqlen + i) * heads_q + h) * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __bfloat162float(q_row[d]);
-  __syncthreads();
-  float mx = -INFINITY;
-  for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-    const __nv_bfloat16* k_row = k + ((int64_t(b) * seqlen + j) * heads_kv + hk) * D;
-    float dot = 0.f;
-    for (int d = 0; d < D; ++d) dot += q_s[d] * __bfloat162float(k_row[d]);
-    p_s[j] = dot * scale;
-    mx = fmaxf(mx, p_s[j]);
-  }
-  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
-  __syncthreads();
-  mx = -INFINITY;
-  for (int w = 0; w < int(blockDim.x / 32); ++w) mx = fmaxf(mx, red[w]);
-  __syncthreads();
-  float sum = 0.f;
-  for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-    p_s[j] = expf(p_s[j] - mx);
-    sum += p_s[j];
-  }
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
-  __syncthreads();
-  sum = 0.f;
-  for (int w = 0; w < int(blockDim.x / 32); ++w) sum += red[w];
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j <= i; ++j) acc += p_s[j] * __bfloat162float(v[((int64_t(b) * seqlen + j) * heads_kv + hk) * D + d]);
-    o[((int64_t(b) * seqlen + i) * heads_q + h) * D + d] = __float2bfloat16(acc / sum);
-  }
-  if (threadIdx.x == 0) lse[(int64_t(b) * heads_q + h) * seqlen + i] = mx + logf(sum);
+  __nv_bfloat16* o_row = o + ((int64_t(b) * seqlen + i) * heads_q + h) * 128;
+  const float l = naive_attention_row(q, k, v, b, h, i, seqlen, heads_q, heads_kv, scale, p_s,
+                                      [&](int d, float x) { o_row[d] = __float2bfloat16(x); });
+  if (threadIdx.x == 0) lse[(int64_t(b) * heads_q + h) * seqlen + i] = l;
 }
 
 // Reference gradients in fp32 for sampled rows, from the same bf16 inputs, o and lse the kernels use (dsum recomputed
