@@ -93,9 +93,7 @@ class Attention(nn.Module):
         attn_fn: AttnFn | None,
         cache_seqlens: Tensor | None,
     ) -> Tensor:
-        b, s, _ = x.shape
-        if self.wqkv is not None and cache_index is not None and cache_seqlens is not None:
-            return self.decode_from_qkv(self.wqkv(x), rot, cache_index[1], cache_seqlens)
+        b, s, _ = x.shape  # (a fused model's decode step goes through TransformerBlock._decode instead)
         q, k, v = self._qkv(x, rot)  # [B, S, Hq, D], [B, S, Hkv, D] x 2
         if cache_index is not None:  # cache[b, positions[b, i]] = k[b, i]: static shapes, graph-capturable
             self.k_cache[cache_index] = k
