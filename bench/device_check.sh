@@ -299,12 +299,10 @@ phase trace 60 "$PY" bench/profile_step.py
 phase dev 150 bash -c '
   cd dev/attention || exit 1
   st=0
-  for v in v1_wgmma_fwd v2_wgmma_fwd v3_wgmma_bwd; do  # short checks first: a hang or wrong values show up fast
-    [[ -x $v ]] || make "$v" CUTLASS=/tmp/site/cutlass_library/source || exit 1
-    ./$v --layout-check && timeout 25 ./$v --check-only --max-seqlen 1000
-    rc=$?; echo "== $v short check rc=$rc"; ((rc == 0)) || st=1
-  done
+  # each program checks every shape (the short ones first, a hang ends at its 20 s deadline), then times; v2 and
+  # v3 already passed their short checks in sm90gate, so no separate short pass here
   for v in v1_wgmma_fwd v2_wgmma_fwd v3_wgmma_bwd; do
+    [[ -x $v ]] || make "$v" CUTLASS=/tmp/site/cutlass_library/source || { st=1; continue; }
     timeout 40 ./$v; rc=$?; echo "== $v full check + timing rc=$rc"; ((rc == 0)) || st=1
   done
   timeout 30 compute-sanitizer --tool synccheck --error-exitcode 1 ./v2_wgmma_fwd --check-only --max-seqlen 129
