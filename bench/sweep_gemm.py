@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 
 import torch
 
 from llama3_kernels.bench import bench_gemm
-from llama3_kernels.bench.harness import Context, Settings, Timer
+from llama3_kernels.bench.harness import Context, Settings, Timer, env_set
 
 SHAPES = [s for s in bench_gemm.SHAPES if s[0] in ("8B qkv", "8B o", "8B w13", "8B w2", "70B w13", "70B w2")]
 SWIZZLES = ("1", "2", "4", "8")
@@ -43,11 +42,8 @@ def main() -> None:
         base, _, _ = timer.measure(bench_gemm._scaled_mm(i))
         ratios = []
         for swizzle, raster in settings:
-            os.environ["L3K_GEMM_SWIZZLE"], os.environ["L3K_GEMM_RASTER"] = swizzle, raster
-            try:
+            with env_set({"L3K_GEMM_SWIZZLE": swizzle, "L3K_GEMM_RASTER": raster}):
                 ms, _, _ = timer.measure(bench_gemm._ours(i))
-            finally:
-                del os.environ["L3K_GEMM_SWIZZLE"], os.environ["L3K_GEMM_RASTER"]
             ratios.append(base / ms)
         best = max(range(len(settings)), key=ratios.__getitem__)
         cells = "  ".join(f"{r:6.3f}" for r in ratios)
