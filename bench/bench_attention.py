@@ -172,19 +172,21 @@ def _inputs(ctx: Context, b: int, s: int, hq: int, hkv: int, d: int, bwd: bool, 
 def cases(ctx: Context) -> list[Case]:
     if ctx.cpu:
         hq, hkv, d = 4, 2, 64
-        causal = [(1, 128)]
+        causal = [(1, 128, d)]
         doc = (1, 256, 16, 128)  # B, S, shortest, longest document
     else:
         hq, hkv, d = 32, 8, 128
-        causal = ctx.pick([(16, 1024), (4, 4096), (1, 16384)], quick=[(4, 4096)])
+        # (B, S, D): the 16384 tokens at D = 128 (Llama 3 8B-405B), then the Llama 3.2 1B training step's
+        # attention (2 x 4096 tokens, D = 64)
+        causal = ctx.pick([(16, 1024, d), (4, 4096, d), (1, 16384, d), (2, 4096, 64)], quick=[(4, 4096, d)])
         doc = (2, 8192, 256, 4096)
     compile_skip = ctx.compile_skip()
     dao_skip = ctx.module_skip("flash_attn", "flash-attn (Dao)")
     cuda_skip = ctx.needs_cuda()
     peak = PEAK_TFLOPS["bf16"]
     out = []
-    for b, s in causal:
-        fwd_flops = 4.0 * b * hq * s * s * d / 2
+    for b, s, hd in causal:
+        fwd_flops = 4.0 * b * hq * s * s * hd / 2
         for mode in ("fwd", "bwd"):
             impls = [
                 Impl(OURS, _ours, ours=True),
@@ -197,8 +199,8 @@ def cases(ctx: Context) -> list[Case]:
             ]
             flops = fwd_flops * (2.5 if mode == "bwd" else 1.0)
             formula = "FLOPs = 4·B·H·S²·D / 2 (causal)" + (" × 2.5 (bwd)" if mode == "bwd" else "")
-            out.append(Case(FAMILY, "flash_attention causal", mode, f"B={b} S={s} H={hq}/{hkv} D={d}", "bf16",
-                            _inputs(ctx, b, s, hq, hkv, d, mode == "bwd", None), impls, flops=flops,
+            out.append(Case(FAMILY, "flash_attention causal", mode, f"B={b} S={s} H={hq}/{hkv} D={hd}", "bf16",
+                            _inputs(ctx, b, s, hq, hkv, hd, mode == "bwd", None), impls, flops=flops,
                             formula=formula, peak=peak, api="flash_attention"))  # fmt: skip
     b, s, lo, hi = doc
     rng = random.Random(DOC_SEED)

@@ -205,7 +205,7 @@ fi
 # phase's timeout: a hang there ends with the process, and a failure keeps both kernels out of the rest
 TEST_SELECT=()
 if [[ -z $L3K_SM90_GATE ]] && ! skipped sm90gate && ! skipped sm90tests; then
-  phase sm90tests 120 "$PY" -m pytest -q -x -p no:cacheprovider -rf tests/test_attention_cuda.py -k sm90
+  phase sm90tests 150 "$PY" -m pytest -q -x -p no:cacheprovider -rf tests/test_attention_cuda.py -k sm90
   grep -qE "^[0-9]+ passed" "$LOGS/sm90tests.log" 2>/dev/null || L3K_SM90_GATE="fwd,bwd"
   TEST_SELECT=(-k "not sm90")  # they ran here; sm90tests.log has them
 fi
@@ -299,14 +299,18 @@ phase trace 60 "$PY" bench/profile_step.py
 phase dev 150 bash -c '
   cd dev/attention || exit 1
   st=0
-  # each program checks every shape (the short ones first, a hang ends at its 20 s deadline), then times; v2 and
-  # v3 already passed their short checks in sm90gate, so no separate short pass here
-  for v in v1_wgmma_fwd v2_wgmma_fwd v3_wgmma_bwd; do
-    [[ -x $v ]] || make "$v" CUTLASS=/tmp/site/cutlass_library/source || { st=1; continue; }
-    timeout 40 ./$v; rc=$?; echo "== $v full check + timing rc=$rc"; ((rc == 0)) || st=1
-  done
+  # the named barriers of the ping-pong, on tiny shapes first (both head dims)
+  [[ -x v2_wgmma_fwd ]] || make v2_wgmma_fwd CUTLASS=/tmp/site/cutlass_library/source
   timeout 30 compute-sanitizer --tool synccheck --error-exitcode 1 ./v2_wgmma_fwd --check-only --max-seqlen 129
   rc=$?; echo "== v2 synccheck rc=$rc"; ((rc == 0)) || st=1
+  # each program checks every shape (the short ones first, a hang ends at its 20 s deadline), then times, head dim
+  # 128 then 64 (v1, the baseline rung, at 128 only); v2 and v3 already passed their short checks in sm90gate
+  for v in v1_wgmma_fwd:40:--head-dim=128 v2_wgmma_fwd:55: v3_wgmma_bwd:55:; do
+    IFS=: read -r bin limit args <<<"$v"
+    [[ -x $bin ]] || make "$bin" CUTLASS=/tmp/site/cutlass_library/source || { st=1; continue; }
+    # shellcheck disable=SC2086  # args: empty, or one option and its value
+    timeout "$limit" ./$bin ${args/=/ }; rc=$?; echo "== $bin full check + timing rc=$rc"; ((rc == 0)) || st=1
+  done
   exit $st'
 [[ -f $LOGS/dev.log ]] && grep -iE "tflop|fail|rc=|on nvidia|ERROR SUMMARY" "$LOGS/dev.log" | head -n 30 |
   cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY"

@@ -89,9 +89,10 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         from llama3_kernels.bench.harness import env_set
 
         with env_set({"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}):  # the opt-in TMA + wgmma kernels
-            q, k, v = r(2, 77, 8, 128, grad=True), r(2, 77, 2, 128, grad=True), r(2, 77, 2, 128, grad=True)
-            out = ops.flash_attention(q, k, v, causal=True)
-            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            for d in (128, 64):
+                q, k, v = r(2, 77, 8, d, grad=True), r(2, 77, 2, d, grad=True), r(2, 77, 2, d, grad=True)
+                out = ops.flash_attention(q, k, v, causal=True)
+                torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
             cu = torch.tensor([0, 13, 77, 127, 154], dtype=torch.int32, device=dev)
             qp, kp, vp = r(154, 8, 128, grad=True), r(154, 2, 128, grad=True), r(154, 2, 128, grad=True)
             out = ops.flash_attention(qp, kp, vp, True, None, cu, 64)

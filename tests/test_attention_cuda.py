@@ -211,13 +211,14 @@ def _ran_sm90(fn) -> bool:
     return any("flash_fwd_sm90_kernel" in name for name in _cuda_kernels(fn))
 
 
+@pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("shape", SM90_SHAPES)
-def test_flash_fwd_sm90(gen, sm90_fwd, shape):
+def test_flash_fwd_sm90(gen, sm90_fwd, shape, d):
     _need("flash_attn_fwd")
     b, s, hq, hkv = shape
-    q, k = _randn(gen, b, s, hq, 128, dtype=torch.bfloat16), _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
-    v = _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
-    scale = 1.0 / math.sqrt(128)
+    q, k = _randn(gen, b, s, hq, d, dtype=torch.bfloat16), _randn(gen, b, s, hkv, d, dtype=torch.bfloat16)
+    v = _randn(gen, b, s, hkv, d, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(d)
     result = {}
     assert _ran_sm90(lambda: result.update(zip(("out", "lse"), attn.flash_attention(q, k, v, True, return_lse=True))))
     ref, ref_lse = reference.flash_attention(q.float(), k.float(), v.float(), True, scale)
@@ -235,8 +236,8 @@ def test_flash_fwd_sm90_dispatch(gen, monkeypatch):
         return _ran_sm90(lambda: attn.flash_attention(q, k, k, causal))
 
     monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1")
-    assert runs_sm90()
-    assert not runs_sm90(causal=False) and not runs_sm90(d=64) and not runs_sm90(dtype=torch.float16)
+    assert runs_sm90() and runs_sm90(d=64)
+    assert not runs_sm90(causal=False) and not runs_sm90(dtype=torch.float16)
     assert not runs_sm90(sk=65)
     cu = _doc_offsets([30, 34])
     q, k = _randn(gen, 64, 4, 128, dtype=torch.bfloat16), _randn(gen, 64, 2, 128, dtype=torch.bfloat16)
@@ -247,11 +248,12 @@ def test_flash_fwd_sm90_dispatch(gen, monkeypatch):
     assert not runs_sm90()
 
 
-def test_flash_fwd_sm90_varlen(gen, sm90_fwd):
+@pytest.mark.parametrize("d", [128, 64])
+def test_flash_fwd_sm90_varlen(gen, sm90_fwd, d):
     """Packed documents (empty, one-token, short and multi-tile ones) into NaN-poisoned out/lse via the launcher;
     40 trailing rows belong to no document and must stay untouched (a store past a document would land there)."""
     _need("flash_attn_fwd")
-    hq, hkv, d, dtype, tail = 32, 8, 128, torch.bfloat16, 40
+    hq, hkv, dtype, tail = 32, 8, torch.bfloat16, 40
     lengths = _random_docs(gen, 5, 700) + [129, 128, 127]
     cu, used = _doc_offsets(lengths), sum(lengths)
     total = used + tail
@@ -292,8 +294,9 @@ def test_flash_fwd_sm90_varlen(gen, sm90_fwd):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
-def test_flash_bwd_after_sm90_varlen_fwd(gen, sm90_fwd):
-    """The backward consumes the sm90 forward's packed out and [Hq, T] lse."""
+def test_flash_bwd_after_sm90_varlen_fwd(gen, sm90_fwd, monkeypatch):
+    """The (mma.sync) backward consumes the sm90 forward's packed out and [Hq, T] lse."""
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "0")
     _need("flash_attn_fwd")
     _need("flash_attn_bwd")
     lengths = _random_docs(gen, 4, 300)
@@ -309,15 +312,17 @@ def test_flash_bwd_after_sm90_varlen_fwd(gen, sm90_fwd):
         _assert_within(name, got, ref, low, gen.initial_seed())
 
 
+@pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("shape", [(2, 37, 32, 8), (1, 1000, 4, 4)])
-def test_flash_bwd_after_sm90_fwd(gen, sm90_fwd, shape):
-    """The backward consumes the sm90 forward's out and lse."""
+def test_flash_bwd_after_sm90_fwd(gen, sm90_fwd, monkeypatch, shape, d):
+    """The (mma.sync) backward consumes the sm90 forward's out and lse."""
+    monkeypatch.setenv("L3K_FLASH_BWD_SM90", "0")
     _need("flash_attn_fwd")
     _need("flash_attn_bwd")
     b, s, hq, hkv = shape
-    q, k = _randn(gen, b, s, hq, 128, dtype=torch.bfloat16), _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
-    v, dout = _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16), _randn(gen, b, s, hq, 128, dtype=torch.bfloat16)
-    scale = 1.0 / math.sqrt(128)
+    q, k = _randn(gen, b, s, hq, d, dtype=torch.bfloat16), _randn(gen, b, s, hkv, d, dtype=torch.bfloat16)
+    v, dout = _randn(gen, b, s, hkv, d, dtype=torch.bfloat16), _randn(gen, b, s, hq, d, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(d)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     assert _ran_sm90(lambda: attn.flash_attention(qg, kg, vg, causal=True).backward(dout))
     refs = _fp32_grads(q, k, v, dout, True, scale)
@@ -332,8 +337,8 @@ def _ran(fn, name: str) -> bool:
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 1), (2, 17, 32, 8), (1, 129, 8, 8), (2, 1000, 32, 8), (1, 2049, 8, 2)])
-@pytest.mark.parametrize("sm90_forward", [False, True])
-def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
+@pytest.mark.parametrize(("sm90_forward", "d"), [(False, 128), (True, 128), (True, 64)])
+def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward, d):
     """dq, dk, dv (dk/dv summed over each KV group) against fp32 autograd, within twice bf16 math's error."""
     _need("flash_attn_fwd")
     _need("flash_attn_bwd")
@@ -341,9 +346,9 @@ def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
     monkeypatch.setenv("L3K_FLASH_FWD_SM90", "1" if sm90_forward else "0")
     b, s, hq, hkv = shape
-    q, k = _randn(gen, b, s, hq, 128, dtype=torch.bfloat16), _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16)
-    v, dout = _randn(gen, b, s, hkv, 128, dtype=torch.bfloat16), _randn(gen, b, s, hq, 128, dtype=torch.bfloat16)
-    scale = 1.0 / math.sqrt(128)
+    q, k = _randn(gen, b, s, hq, d, dtype=torch.bfloat16), _randn(gen, b, s, hkv, d, dtype=torch.bfloat16)
+    v, dout = _randn(gen, b, s, hkv, d, dtype=torch.bfloat16), _randn(gen, b, s, hq, d, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(d)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out = attn.flash_attention(qg, kg, vg, causal=True)
     assert _ran(lambda: out.backward(dout), "dq_sm90_kernel")
@@ -353,7 +358,8 @@ def test_flash_bwd_sm90(gen, monkeypatch, shape, sm90_forward):
         _assert_within(name, got, ref, low, gen.initial_seed())
 
 
-def test_flash_bwd_sm90_varlen(gen, monkeypatch):
+@pytest.mark.parametrize("d", [128, 64])
+def test_flash_bwd_sm90_varlen(gen, monkeypatch, d):
     """Packed documents (empty, one-token, multi-tile) through the sm90 forward and backward."""
     _need("flash_attn_fwd")
     _need("flash_attn_bwd")
@@ -362,9 +368,9 @@ def test_flash_bwd_sm90_varlen(gen, monkeypatch):
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
     lengths = _random_docs(gen, 4, 400) + [128, 129]  # the last tile reaches past T
     cu, total = _doc_offsets(lengths), sum(lengths)
-    q, k = _randn(gen, total, 32, 128, dtype=torch.bfloat16), _randn(gen, total, 8, 128, dtype=torch.bfloat16)
-    v, dout = _randn(gen, total, 8, 128, dtype=torch.bfloat16), _randn(gen, total, 32, 128, dtype=torch.bfloat16)
-    scale = 1.0 / math.sqrt(128)
+    q, k = _randn(gen, total, 32, d, dtype=torch.bfloat16), _randn(gen, total, 8, d, dtype=torch.bfloat16)
+    v, dout = _randn(gen, total, 8, d, dtype=torch.bfloat16), _randn(gen, total, 32, d, dtype=torch.bfloat16)
+    scale = 1.0 / math.sqrt(d)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out = attn.flash_attention(qg, kg, vg, True, cu_seqlens=cu)
     assert _ran(lambda: out.backward(dout), "dkdv_sm90_kernel")
@@ -375,8 +381,8 @@ def test_flash_bwd_sm90_varlen(gen, monkeypatch):
 
 
 def test_flash_bwd_sm90_deterministic_and_dispatch(gen, monkeypatch):
-    """Identical gradients twice; only causal bf16 D = 128 self-attention takes it (packed documents only with one set
-    of offsets), and only when enabled."""
+    """Identical gradients twice; only causal bf16 D = 64/128 self-attention takes it (packed documents only with one
+    set of offsets), and only when enabled."""
     _need("flash_attn_bwd")
     _sm90_gate("bwd")
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "1")
@@ -400,7 +406,7 @@ def test_flash_bwd_sm90_deterministic_and_dispatch(gen, monkeypatch):
     assert ran
     _, second = grads()
     assert all(torch.equal(first[n], second[n]) for n in "qkv")
-    assert not grads(d=64)[0] and not grads(dtype=torch.float16)[0] and not grads(causal=False)[0]
+    assert grads(d=64)[0] and not grads(dtype=torch.float16)[0] and not grads(causal=False)[0]
     assert grads(varlen=True)[0] and not grads(varlen=True, separate_k=True)[0]
     monkeypatch.setenv("L3K_FLASH_BWD_SM90", "0")
     assert not grads()[0]

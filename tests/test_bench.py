@@ -196,7 +196,7 @@ def test_gpu_case_tables_match_the_issue():
     """Full-tier cases build without a GPU; shapes and FLOP counts are the issue's."""
     from llama3_kernels.bench import bench_decode, bench_fp8, bench_norm, bench_swiglu
 
-    counts = {bench_norm: 9, bench_swiglu: 4, bench_fp8: 7, bench_gemm: 40 + 6, bench_attention: 8, bench_decode: 5}
+    counts = {bench_norm: 9, bench_swiglu: 4, bench_fp8: 7, bench_gemm: 40 + 6, bench_attention: 10, bench_decode: 5}
     for mod, n in counts.items():
         cases = _gpu_cases(mod)
         assert len(cases) == n, mod.FAMILY
@@ -213,10 +213,13 @@ def test_gpu_case_tables_match_the_issue():
     assert all(c.flops == 2 * int(c.shape.split("N=")[1].split()[0]) * int(c.shape.split("K=")[1]) for c in gemv)
     attn = _gpu_cases(bench_attention)
     causal = [c for c in attn if c.op == "flash_attention causal"]
-    assert {c.shape for c in causal} == {f"B={16384 // s} S={s} H=32/8 D=128" for s in (1024, 4096, 16384)}
-    fwd = next(c for c in causal if c.mode == "fwd" and "S=4096" in c.shape)
-    bwd = next(c for c in causal if c.mode == "bwd" and "S=4096" in c.shape)
+    issue = {f"B={16384 // s} S={s} H=32/8 D=128" for s in (1024, 4096, 16384)}
+    assert {c.shape for c in causal} == issue | {"B=2 S=4096 H=32/8 D=64"}  # + the 1B train step's attention
+    fwd = next(c for c in causal if c.mode == "fwd" and "S=4096" in c.shape and "D=128" in c.shape)
+    bwd = next(c for c in causal if c.mode == "bwd" and "S=4096" in c.shape and "D=128" in c.shape)
     assert fwd.flops == 4 * 4 * 32 * 4096**2 * 128 / 2 and bwd.flops == 2.5 * fwd.flops
+    small = next(c for c in causal if c.mode == "fwd" and "D=64" in c.shape)
+    assert small.flops == 4 * 2 * 32 * 4096**2 * 64 / 2
     quick = _gpu_cases(bench_norm, quick=True)
     assert {c.shape for c in quick} == {"16384x4096"}
 

@@ -16,18 +16,18 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
 
 // The Hopper TMA + wgmma forward (flash_fwd_sm90.cu), used by flash_attn_fwd when enabled (environment variable
 // L3K_FLASH_FWD_SM90=1) for what it covers: causal self-attention (equal query/key lengths, or packed documents with
-// one set of offsets for both), D = 128, bf16, 16-byte aligned tensors.
+// one set of offsets for both), D = 64 or 128, bf16, 16-byte aligned tensors.
 bool flash_fwd_sm90_enabled();
 bool flash_fwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                            std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k,
                            std::int64_t rows, int hq, int d, bool causal, int dtype);
 void flash_attn_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                          std::uintptr_t lse, std::uintptr_t cu_seqlens, int batch, int max_seqlen, int total_q, int hq,
-                         int hkv, float softmax_scale, std::uintptr_t stream);
+                         int hkv, int d, float softmax_scale, std::uintptr_t stream);
 
 // The Hopper TMA + wgmma backward (flash_bwd_sm90.cu), used by flash_attn_bwd when enabled (L3K_FLASH_BWD_SM90=1)
 // for causal self-attention (equal lengths, or packed documents with one set of offsets for queries and keys),
-// D = 128, bf16, 16-byte aligned tensors. dsum: the fp32 workspace shaped like lse.
+// D = 64 or 128, bf16, 16-byte aligned tensors. dsum: the fp32 workspace shaped like lse.
 bool flash_bwd_sm90_enabled();
 bool flash_bwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t dout,
                            std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int seqlen_q, int seqlen_k,
@@ -36,7 +36,7 @@ bool flash_bwd_sm90_covers(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
 void flash_attn_bwd_sm90(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                          std::uintptr_t out, std::uintptr_t lse, std::uintptr_t dsum, std::uintptr_t dq,
                          std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t cu_seqlens, int batch, int max_seqlen,
-                         int total_q, int hq, int hkv, float softmax_scale, std::uintptr_t stream);
+                         int total_q, int hq, int hkv, int d, float softmax_scale, std::uintptr_t stream);
 
 // dq/dk/dv (dk/dv summed over each KV head's query heads). dsum: fp32 workspace shaped like lse.
 // total_q_or_S / total_k_or_Sk: tokens of packed q/k, or the padded lengths. Always deterministic (no atomics).

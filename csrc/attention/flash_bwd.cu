@@ -373,7 +373,7 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
                             varlen ? q_tokens : total_q_or_S, varlen ? k_tokens : total_k_or_Sk, batch, hq, d, causal,
                             dtype)) {
     return flash_attn_bwd_sm90(dout, q, k, v, out, lse, dsum, dq, dk, dv, cu_seqlens, batch, max_seqlen,
-                               varlen ? total_q_or_S : 0, hq, hkv, softmax_scale, stream);
+                               varlen ? total_q_or_S : 0, hq, hkv, d, softmax_scale, stream);
   }
   BwdParams p{};
   p.q = as_ptr<const void>(q);

@@ -1,4 +1,4 @@
-// flash_bwd_sm90.cuh: the Hopper (sm_90a) attention backward: causal GQA, head dim 128, bf16, deterministic. A dsum
+// flash_bwd_sm90.cuh: the Hopper (sm_90a) attention backward: causal GQA, head dim 64 or 128, bf16, deterministic. A dsum
 // pre-pass and two TMA + wgmma kernels (one producer warpgroup, two consumer warpgroups): dq over a 128-row query
 // tile's key tiles, dk/dv over a 128-row key tile's query tiles for every query head of its KV group. Used by
 // flash_bwd_sm90.cu (the extension, opt-in) and dev/attention/v3_wgmma_bwd.cu (its standalone check and timing).
@@ -12,6 +12,8 @@
 // dsum [Hq, T]; a sequence's tiles start at its offset, rows past it are masked and never stored.
 #pragma once
 
+#include <type_traits>
+
 #include "flash_fwd_sm90.cuh"  // same folder: found from the extension and from dev/attention
 
 namespace l3k::sm90 {
@@ -23,9 +25,11 @@ namespace l3k::sm90 {
 // that both views address every element identically).
 // ------------------------------------------------------------------------------------------------------------------
 
+template <int kHeadDim_>  // 64 or 128
 struct BwdConfig {
+  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128: whole 128-byte swizzle rows of bf16");
   using Element = cutlass::bfloat16_t;
-  static constexpr int kHeadDim = 128, kBig = 128, kSmall = 64, kStages = 2;
+  static constexpr int kHeadDim = kHeadDim_, kBig = 128, kSmall = 64, kStages = 2;
   static constexpr int kThreads = 384, kConsumerWarps = 8, kProducerRegs = 24, kConsumerRegs = 240;
   using Big = Int<kBig>;
   using Small = Int<kSmall>;
@@ -66,9 +70,10 @@ struct BwdConfig {
   };
 };
 
+template <class Cfg>
 struct BwdParams {
-  BwdConfig::TmaBig tma_q_big, tma_do_big, tma_k_big, tma_v_big;
-  BwdConfig::TmaSmall tma_q_small, tma_do_small, tma_k_small, tma_v_small;
+  typename Cfg::TmaBig tma_q_big, tma_do_big, tma_k_big, tma_v_big;
+  typename Cfg::TmaSmall tma_q_small, tma_do_small, tma_k_small, tma_v_small;
   const float* lse;   // [B, Hq, S] or [Hq, T], natural log
   const float* dsum;  // like lse
   cutlass::bfloat16_t *dq, *dk, *dv;
@@ -87,7 +92,8 @@ struct BwdParams {
 struct BwdSeq {
   int start, len, view_batch, batches;
   int64_t row_base;  // rows of the [*, H, D] tensors before this sequence's row 0
-  __device__ BwdSeq(BwdParams const& p, int seq) {
+  template <class P>
+  __device__ BwdSeq(P const& p, int seq) {
     const bool packed = p.cu_seqlens != nullptr;
     start = packed ? p.cu_seqlens[seq] : 0;
     len = packed ? p.cu_seqlens[seq + 1] - start : p.seqlen;
@@ -96,10 +102,12 @@ struct BwdSeq {
     row_base = packed ? int64_t(start) : int64_t(seq) * p.seqlen;
   }
   // lse/dsum of query head h start at stat0 + h · stat_stride: [B, Hq, S] or [Hq, T]
-  __device__ int64_t stat0(BwdParams const& p) const {
+  template <class P>
+  __device__ int64_t stat0(P const& p) const {
     return p.cu_seqlens ? int64_t(start) : int64_t(view_batch) * p.heads_q * len;
   }
-  __device__ int stat_stride(BwdParams const& p) const { return p.cu_seqlens ? p.rows : len; }
+  template <class P>
+  __device__ int stat_stride(P const& p) const { return p.cu_seqlens ? p.rows : len; }
 };
 
 template <class Cfg>
@@ -118,23 +126,23 @@ __device__ __forceinline__ void init_bwd_barriers(typename Cfg::SharedStorage& s
 }
 
 // TMA of one 128-row tile (rows row0.., head h, batch b) into `dst` (SmemBig), completing on `bar`.
-template <class Tma, class Dst>
+template <class Cfg, class Tma, class Dst>
 __device__ __forceinline__ void load_big(Tma const& tma, int rows, int heads, int batches, int seq_start, int row0,
                                          int h, int b, Dst& dst, uint64_t& bar) {
-  Tensor m = tma.get_tma_tensor(make_shape(rows, int(BwdConfig::kHeadDim), heads, batches));
+  Tensor m = tma.get_tma_tensor(make_shape(rows, int(Cfg::kHeadDim), heads, batches));
   Tensor g = local_tile(domain_offset(make_coord(seq_start, _0{}), m(_, _, h, b)),
-                        Shape<BwdConfig::Big, BwdConfig::HDim>{}, make_coord(row0 / int(BwdConfig::kBig), _0{}));
+                        Shape<typename Cfg::Big, typename Cfg::HDim>{}, make_coord(row0 / int(Cfg::kBig), _0{}));
   auto cta = tma.get_slice(0);
   copy(tma.with(bar), cta.partition_S(g), cta.partition_D(dst));
 }
 
 // TMA of one 64-row tile (tile index `tile` of 64 rows) into stage `stage` of `ring` (SmemSmall).
-template <class Tma, class Ring>
+template <class Cfg, class Tma, class Ring>
 __device__ __forceinline__ void load_small(Tma const& tma, int rows, int heads, int batches, int seq_start, int tile,
                                            int h, int b, Ring& ring, int stage, uint64_t& bar) {
-  Tensor m = tma.get_tma_tensor(make_shape(rows, int(BwdConfig::kHeadDim), heads, batches));
+  Tensor m = tma.get_tma_tensor(make_shape(rows, int(Cfg::kHeadDim), heads, batches));
   Tensor g = local_tile(domain_offset(make_coord(seq_start, _0{}), m(_, _, h, b)),
-                        Shape<BwdConfig::Small, BwdConfig::HDim>{}, make_coord(tile, _0{}));
+                        Shape<typename Cfg::Small, typename Cfg::HDim>{}, make_coord(tile, _0{}));
   auto cta = tma.get_slice(0);
   Tensor dst = cta.partition_D(ring);  // (TMA, 1, 1, stage)
   copy(tma.with(bar), cta.partition_S(g), dst(_, _, _, stage));
@@ -142,29 +150,29 @@ __device__ __forceinline__ void load_small(Tma const& tma, int rows, int heads, 
 
 // The producer's two fixed tiles (128 rows at row0 of head h from tma0 and tma1), one transaction on big_full.
 template <class Cfg, class Tma, class Dst>
-__device__ __forceinline__ void load_big_pair(typename Cfg::SharedStorage& smem, BwdParams const& p, BwdSeq const& sq,
+__device__ __forceinline__ void load_big_pair(typename Cfg::SharedStorage& smem, BwdParams<Cfg> const& p, BwdSeq const& sq,
                                               Tma const& tma0, Tma const& tma1, int heads, int row0, int h,
                                               Dst& dst0, Dst& dst1) {
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.big_full, 2 * Cfg::kBigBytes);
-  load_big(tma0, p.rows, heads, sq.batches, sq.start, row0, h, sq.view_batch, dst0, smem.big_full);
-  load_big(tma1, p.rows, heads, sq.batches, sq.start, row0, h, sq.view_batch, dst1, smem.big_full);
+  load_big<Cfg>(tma0, p.rows, heads, sq.batches, sq.start, row0, h, sq.view_batch, dst0, smem.big_full);
+  load_big<Cfg>(tma1, p.rows, heads, sq.batches, sq.start, row0, h, sq.view_batch, dst1, smem.big_full);
 }
 
 // One producer step: 64-row tile `tile` of head h from tma0 into ring 0 and from tma1 into ring 1, each slot
 // waited for (empty) and announced (full, with its byte count) on its own barriers.
 template <class Cfg, class Tma, class Ring>
 __device__ __forceinline__ void load_small_pair(typename Cfg::SharedStorage& smem, RingPos<Cfg::kStages> const& pos,
-                                                BwdParams const& p, BwdSeq const& sq, Tma const& tma0,
+                                                BwdParams<Cfg> const& p, BwdSeq const& sq, Tma const& tma0,
                                                 Tma const& tma1, int heads, int tile, int h, Ring& ring0,
                                                 Ring& ring1) {
   cutlass::arch::ClusterBarrier::wait(&smem.empty0[pos.stage], pos.phase ^ 1);
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full0[pos.stage], Cfg::kSmallBytes);
-  load_small(tma0, p.rows, heads, sq.batches, sq.start, tile, h, sq.view_batch, ring0, pos.stage,
-             smem.full0[pos.stage]);
+  load_small<Cfg>(tma0, p.rows, heads, sq.batches, sq.start, tile, h, sq.view_batch, ring0, pos.stage,
+                  smem.full0[pos.stage]);
   cutlass::arch::ClusterBarrier::wait(&smem.empty1[pos.stage], pos.phase ^ 1);
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full1[pos.stage], Cfg::kSmallBytes);
-  load_small(tma1, p.rows, heads, sq.batches, sq.start, tile, h, sq.view_batch, ring1, pos.stage,
-             smem.full1[pos.stage]);
+  load_small<Cfg>(tma1, p.rows, heads, sq.batches, sq.start, tile, h, sq.view_batch, ring1, pos.stage,
+                  smem.full1[pos.stage]);
 }
 
 // Rounded bf16 pairs of an fp32 accumulator into an RS-wgmma A fragment (same flat order: the layout self-test).
@@ -201,7 +209,7 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords,
 // ------------------------------------------------------------------------------------------------------------------
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_constant__ BwdParams const p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_constant__ BwdParams<Cfg> const p) {
   using Element = typename Cfg::Element;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
@@ -312,7 +320,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dq_sm90_kernel(__grid_consta
 // ------------------------------------------------------------------------------------------------------------------
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_constant__ BwdParams const p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_constant__ BwdParams<Cfg> const p) {
   using Element = typename Cfg::Element;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
@@ -427,18 +435,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_sm90_kernel(__grid_cons
   store_rows(dv, o_coords, 1.f, key0, S, p.dv + base, row_stride);
 }
 
-// dsum[b, h, i] = Σ_d do · o in fp32: one warp per (b, i, h) row.
+// dsum[b, h, i] = Σ_d do · o in fp32: one warp per (b, i, h) row, D / 32 elements a lane (8 or 4 bytes).
+template <int D>
 __global__ void dsum_sm90_kernel(const __nv_bfloat16* o, const __nv_bfloat16* dout, float* dsum, int batch, int seqlen,
-                            int heads) {
+                                 int heads) {
+  using Vec = std::conditional_t<D == 128, uint2, uint32_t>;
+  static_assert(sizeof(Vec) * 32 == D * sizeof(__nv_bfloat16), "a warp covers one row");
+  constexpr int kPairs = D / 64;  // bf16 pairs a lane
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // (b, i, h) flattened
   const int lane = threadIdx.x % 32;
   if (row >= int64_t(batch) * seqlen * heads) return;
-  const uint2 ov = reinterpret_cast<const uint2*>(o + row * 128)[lane];
-  const uint2 dv = reinterpret_cast<const uint2*>(dout + row * 128)[lane];
+  const Vec ov = reinterpret_cast<const Vec*>(o + row * D)[lane];
+  const Vec dv = reinterpret_cast<const Vec*>(dout + row * D)[lane];
   const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&ov);
   const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
   float acc = 0.f;
-  for (int j = 0; j < 2; ++j) {
+  for (int j = 0; j < kPairs; ++j) {
     const float2 of = __bfloat1622float2(o2[j]), df = __bfloat1622float2(d2[j]);
     acc += of.x * df.x + of.y * df.y;
   }
@@ -453,12 +465,12 @@ __global__ void dsum_sm90_kernel(const __nv_bfloat16* o, const __nv_bfloat16* do
 // Host side
 // ------------------------------------------------------------------------------------------------------------------
 
-template <class Cfg = BwdConfig>
-BwdParams make_bwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_t* k, const cutlass::bfloat16_t* v,
-                          const cutlass::bfloat16_t* dout, const float* lse, const float* dsum,
-                          cutlass::bfloat16_t* dq, cutlass::bfloat16_t* dk, cutlass::bfloat16_t* dv,
-                          const int* cu_seqlens, int batch, int seqlen, int total_rows, int heads_q, int heads_kv,
-                          float scale) {
+template <class Cfg>
+BwdParams<Cfg> make_bwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_t* k,
+                               const cutlass::bfloat16_t* v, const cutlass::bfloat16_t* dout, const float* lse,
+                               const float* dsum, cutlass::bfloat16_t* dq, cutlass::bfloat16_t* dk,
+                               cutlass::bfloat16_t* dv, const int* cu_seqlens, int batch, int seqlen, int total_rows,
+                               int heads_q, int heads_kv, float scale) {
   const int64_t d = Cfg::kHeadDim;
   const int rows = cu_seqlens ? total_rows : seqlen, batches = cu_seqlens ? 1 : batch;
   auto layout = [&](int heads) {  // (rows, D, H, B) of a [B, S, H, D] tensor, or (T, D, H, 1) of [T, H, D]
@@ -472,16 +484,16 @@ BwdParams make_bwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_
     return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(t), layout(heads)),
                          take<0, 2>(typename Cfg::SmemSmall{}));
   };
-  return BwdParams{big(q, heads_q),   big(dout, heads_q),   big(k, heads_kv),   big(v, heads_kv),
-                   small(q, heads_q), small(dout, heads_q), small(k, heads_kv), small(v, heads_kv),
-                   lse,               dsum,                 dq,                 dk,
-                   dv,                cu_seqlens,           batch,              seqlen,
-                   heads_q,           heads_kv,             rows,               scale,
-                   scale * 1.4426950408889634f};
+  return BwdParams<Cfg>{big(q, heads_q),   big(dout, heads_q),   big(k, heads_kv),   big(v, heads_kv),
+                        small(q, heads_q), small(dout, heads_q), small(k, heads_kv), small(v, heads_kv),
+                        lse,               dsum,                 dq,                 dk,
+                        dv,                cu_seqlens,           batch,              seqlen,
+                        heads_q,           heads_kv,             rows,               scale,
+                        scale * 1.4426950408889634f};
 }
 
 // Opt both kernels in to the shared memory they need (before the first launch on a device).
-template <class Cfg = BwdConfig>
+template <class Cfg>
 cudaError_t prepare_bwd() {
   const int smem = int(sizeof(typename Cfg::SharedStorage));
   cudaError_t err = cudaFuncSetAttribute(dq_sm90_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -492,13 +504,14 @@ cudaError_t prepare_bwd() {
 // The whole backward on one stream: dsum (into the caller's fp32 workspace shaped like lse: [B, Hq, S] or [Hq, T]),
 // then dq and dk/dv. (Packed documents: a non-finite value in the next document's rows would reach this one's
 // gradients through 0 · Inf inside the wgmma, as in the forward; finite inputs give exact masking.)
-template <class Cfg = BwdConfig>
-void launch_bwd(BwdParams const& p, const __nv_bfloat16* o, const __nv_bfloat16* dout, float* dsum,
+template <class Cfg>
+void launch_bwd(BwdParams<Cfg> const& p, const __nv_bfloat16* o, const __nv_bfloat16* dout, float* dsum,
                 cudaStream_t stream) {
   // packed: [T, Hq, D] rows into [Hq, T], the fixed-length layout of one sequence of T rows
   const int batches = p.cu_seqlens ? 1 : p.batch;
   const int64_t rows = int64_t(batches) * p.rows * p.heads_q;
-  dsum_sm90_kernel<<<unsigned((rows * 32 + 255) / 256), 256, 0, stream>>>(o, dout, dsum, batches, p.rows, p.heads_q);
+  dsum_sm90_kernel<Cfg::kHeadDim>
+      <<<unsigned((rows * 32 + 255) / 256), 256, 0, stream>>>(o, dout, dsum, batches, p.rows, p.heads_q);
   const int smem = int(sizeof(typename Cfg::SharedStorage));
   const int tiles = cute::ceil_div(p.seqlen, int(Cfg::kBig));
   // tiles on z: blocks go out x fastest, so every head's longest tiles first

@@ -394,8 +394,8 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
   if (flash_fwd_sm90_enabled() &&
       flash_fwd_sm90_covers(q, k, v, out, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
                             cu_seqlens ? total_q : max_seqlen, hq, d, causal, dtype)) {
-    return flash_attn_fwd_sm90(q, k, v, out, lse, cu_seqlens, batch, max_seqlen, total_q, hq, hkv, softmax_scale,
-                               stream);
+    return flash_attn_fwd_sm90(q, k, v, out, lse, cu_seqlens, batch, max_seqlen, total_q, hq, hkv, d,
+                               softmax_scale, stream);
   }
   FwdParams p{};
   p.q = as_ptr<const void>(q);

@@ -1,7 +1,7 @@
 // flash_fwd_sm90.cuh: the Hopper (sm_90a) flash-attention forward: TMA loads by a producer warp, wgmma in two
 // consumer warpgroups, softmax overlapped with the tensor cores within each warpgroup and between the two (ping-pong
 // on named barriers), FlashAttention-3's design written with CuTe. Causal, equal query and key lengths, GQA, head
-// dim 128, bf16. Used by flash_fwd_sm90.cu (the extension) and by dev/attention (its standalone check and timing,
+// dim 64 or 128, bf16. Used by flash_fwd_sm90.cu (the extension) and by dev/attention (its standalone check and timing,
 // and the ladder's earlier rungs built from the same pieces).
 //
 // Layouts: q [B, S, Hq, D], k/v [B, S, Hkv, D], o [B, S, Hq, D] (bf16, contiguous); lse [B, Hq, S] (fp32, natural
@@ -34,9 +34,11 @@ using namespace cute;
 // Configuration
 // ------------------------------------------------------------------------------------------------------------------
 
+template <int kHeadDim_>  // 64 or 128
 struct FwdConfig {
+  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128: whole 128-byte swizzle rows of bf16");
   using Element = cutlass::bfloat16_t;
-  static constexpr int kHeadDim = 128;
+  static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;               // query rows per CTA: 64 per consumer warpgroup
   static constexpr int kBlockN = 128;               // keys per K/V tile
   static constexpr int kStages = 2;                 // depth of the K ring and of the V ring
@@ -63,8 +65,8 @@ struct FwdConfig {
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BlkM, HDim>{}));   // (M, D)
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<BlkN, HDim, Int<kStages>>{}));                          // (N, D, stage)
-  // V atoms are 64 (D) x 8 (N); ordering them N-first keeps each 64-wide D half of a stage contiguous, so TMA moves
-  // a stage in two 64 x 128 boxes instead of thirty-two 64 x 8 ones.
+  // V atoms are 64 (D) x 8 (N); ordering them N-first keeps each 64-wide D slice of a stage contiguous, so TMA moves
+  // a stage in D / 64 boxes of 64 x 128 instead of D / 4 boxes of 64 x 8.
   using SmemLayoutV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                              Shape<HDim, BlkN, Int<kStages>>{}, Step<_2, _1, _3>{}));      // (D, N, stage)
 
@@ -97,10 +99,11 @@ struct FwdConfig {
   };
 };
 
+template <class Cfg>
 struct FwdParams {
-  FwdConfig::TmaQ tma_q;
-  FwdConfig::TmaK tma_k;
-  FwdConfig::TmaV tma_v;
+  typename Cfg::TmaQ tma_q;
+  typename Cfg::TmaK tma_k;
+  typename Cfg::TmaV tma_v;
   cutlass::bfloat16_t* o;       // [B, S, Hq, D] or [T, Hq, D]
   float* lse;                   // [B, Hq, S] or [Hq, T]
   const int* cu_seqlens;        // [B + 1] offsets into packed q/k/v/o (varlen), or null (fixed length S)
@@ -172,19 +175,20 @@ __device__ __forceinline__ void wgmma_wait(Frags&... frags) {
 // ------------------------------------------------------------------------------------------------------------------
 
 struct TileCoord {
-  int m_block, head_q, head_kv, batch;
+  int m_block, row0, head_q, head_kv, batch;  // row0: the tile's first query row within its sequence
   int seq_start, seqlen;  // this sequence's first row in the packed views (0 for fixed length) and its length
   int n_block_max;        // key tiles 0 .. n_block_max - 1 are visible to some row of the tile
   // A varlen grid's tile past the end of a short sequence: no rows to compute.
-  __device__ bool empty() const { return m_block * int(FwdConfig::kBlockM) >= seqlen; }
+  __device__ bool empty() const { return row0 >= seqlen; }
 };
 
 template <class Cfg>
-__device__ __forceinline__ TileCoord tile_coord(FwdParams const& params) {
+__device__ __forceinline__ TileCoord tile_coord(FwdParams<Cfg> const& params) {
   TileCoord t;
   // Grid (Hq, B, m blocks): blocks go out x fastest, so the longest causal tiles (highest m_block) of every head
   // and sequence go out first, and the short ones fill in at the end.
   t.m_block = gridDim.z - 1 - blockIdx.z;
+  t.row0 = t.m_block * Cfg::kBlockM;
   t.head_q = blockIdx.x;
   t.batch = blockIdx.y;
   t.head_kv = t.head_q / (params.heads_q / params.heads_kv);
@@ -214,7 +218,7 @@ __device__ __forceinline__ void init_barriers(typename Cfg::SharedStorage& smem)
 // The producer (one thread): the Q tile once, then K and V tiles from the diagonal down to key tile 0 into the
 // kStages-deep rings, K(n) before V(n). Each slot waits for its empty barrier (one arrival per consumer warp).
 template <class Cfg>
-__device__ __forceinline__ void produce(FwdParams const& params, typename Cfg::SharedStorage& smem,
+__device__ __forceinline__ void produce(FwdParams<Cfg> const& params, typename Cfg::SharedStorage& smem,
                                         TileCoord const& t) {
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Cfg::SmemLayoutQ{});  // (M, D)
@@ -351,10 +355,10 @@ __device__ __forceinline__ void convert_p(TS const& tSrS, TP& tOrP) {
 
 // Epilogue: normalise, write O (bf16 pairs) and lse straight from registers; rows past S are skipped.
 template <class Cfg, class Out, class OutCoords, int kRows>
-__device__ __forceinline__ void store_output(FwdParams const& params, TileCoord const& t, Out const& out,
+__device__ __forceinline__ void store_output(FwdParams<Cfg> const& params, TileCoord const& t, Out const& out,
                                              OutCoords const& out_coords, float const (&row_max)[kRows],
                                              float const (&row_sum)[kRows]) {
-  const int row0 = t.m_block * Cfg::kBlockM, seqlen = t.seqlen;
+  const int row0 = t.row0, seqlen = t.seqlen;
   // Packed rows of this sequence in o, and the lse index of its row 0: [B, Hq, S] or [Hq, T].
   const int64_t o_row0 = params.cu_seqlens ? int64_t(t.seq_start) : int64_t(t.batch) * seqlen;
   const int64_t lse0 = params.cu_seqlens ? int64_t(t.head_q) * params.rows + t.seq_start
@@ -390,7 +394,7 @@ __device__ __forceinline__ void store_output(FwdParams const& params, TileCoord 
 // cu_seqlens null: q [B, S, Hq, D], k/v [B, S, Hkv, D]. Else packed [T, H, D] (T = total_rows) with offsets
 // cu_seqlens [batch + 1] for queries and keys alike, and seqlen = the longest sequence.
 template <class Cfg>
-FwdParams make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_t* k, const cutlass::bfloat16_t* v,
+FwdParams<Cfg> make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_t* k, const cutlass::bfloat16_t* v,
                           cutlass::bfloat16_t* o, float* lse, const int* cu_seqlens, int batch, int seqlen,
                           int total_rows, int heads_q, int heads_kv, float softmax_scale) {
   const int64_t d = Cfg::kHeadDim;
@@ -403,7 +407,7 @@ FwdParams make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_
                               make_stride(_1{}, int64_t(heads_kv) * d, d, int64_t(rows) * heads_kv * d));
   // CuTe reports a failed cuTensorMapEncodeTiled with a message and an assert: the dev Makefile keeps asserts on;
   // the extension (NDEBUG) keeps every stride in range instead (flash_fwd_sm90_covers).
-  return FwdParams{
+  return FwdParams<Cfg>{
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(q), layout_q), typename Cfg::SmemLayoutQ{}),
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(k), layout_k), take<0, 2>(typename Cfg::SmemLayoutK{})),
       make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(v), layout_v), take<0, 2>(typename Cfg::SmemLayoutV{})),
@@ -422,13 +426,13 @@ FwdParams make_fwd_params(const cutlass::bfloat16_t* q, const cutlass::bfloat16_
 
 // Opt the kernel in to the shared memory it needs (once, before the first launch).
 template <class Cfg>
-cudaError_t prepare_fwd(void (*kernel)(FwdParams)) {
+cudaError_t prepare_fwd(void (*kernel)(FwdParams<Cfg>)) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               int(sizeof(typename Cfg::SharedStorage)));
 }
 
 template <class Cfg>
-void launch_fwd(void (*kernel)(FwdParams), FwdParams const& params, cudaStream_t stream) {
+void launch_fwd(void (*kernel)(FwdParams<Cfg>), FwdParams<Cfg> const& params, cudaStream_t stream) {
   dim3 grid(params.heads_q, params.batch, cute::ceil_div(params.seqlen, Cfg::kBlockM));
   kernel<<<grid, Cfg::kThreads, int(sizeof(typename Cfg::SharedStorage)), stream>>>(params);
 }
@@ -454,7 +458,7 @@ __device__ __forceinline__ void sched_pass(int consumer) {
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid_constant__ FwdParams const params) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid_constant__ FwdParams<Cfg> const params) {
   using Element = typename Cfg::Element;
   using SharedStorage = typename Cfg::SharedStorage;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -499,7 +503,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
   Tensor tOcO = thr_mma_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor scores = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (2 rows, 32 cols) per thread
   Tensor score_coords = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-  Tensor out = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));     // (2 rows, 32 cols) per thread
+  Tensor out = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));     // (2 rows, D / 4 cols) per thread
   Tensor out_coords = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   constexpr int kRows = size<0>(decltype(scores){});
   static_assert(kRows == 2, "each thread owns two accumulator rows");
@@ -512,7 +516,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(__grid
   }
   clear(tOrO);
 
-  const int row0 = t.m_block * kBlockM;
+  const int row0 = t.row0;
   const int n_last = t.n_block_max - 1;  // the diagonal tile, processed first
   // Both warpgroups run n_last turns through the scheduler barriers (one per step below). Consumer 1 opens
   // consumer 0's first turn and skips its own last pass, so every barrier's arrivals match its waits exactly.

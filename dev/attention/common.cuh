@@ -48,17 +48,16 @@ __global__ void count_nonfinite_kernel(const T* x, int64_t n, unsigned long long
   if (local) atomicAdd(count, local);
 }
 
-// The naive fp32 causal attention of one query row (b, h, i), computed by a whole block: q [B, S, Hq, 128], k/v
-// [B, S, Hkv, 128] bf16; p is the block's scratch for the row's S probabilities (global or shared memory). Calls
+// The naive fp32 causal attention of one query row (b, h, i), computed by a whole block: q [B, S, Hq, D], k/v
+// [B, S, Hkv, D] bf16 (D <= 128); p is the block's scratch for the row's S probabilities (global or shared memory). Calls
 // store(d, o_d) for the output columns this thread owns and returns the row's lse (natural log), valid in every
 // thread. The reference of the forward check (harness.cuh) and of the backward's inputs (v3_wgmma_bwd.cu).
 template <class Store>
 __device__ float naive_attention_row(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int b,
-                                     int h, int i, int seqlen, int heads_q, int heads_kv, float scale, float* p,
+                                     int h, int i, int seqlen, int heads_q, int heads_kv, int D, float scale, float* p,
                                      Store store) {
-  constexpr int D = 128;
   const int hk = h / (heads_q / heads_kv);
-  __shared__ float q_s[D], red[32];
+  __shared__ float q_s[128], red[32];
   const __nv_bfloat16* q_row = q + ((int64_t(b) * seqlen + i) * heads_q + h) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) q_s[d] = __bfloat162float(q_row[d]);
   __syncthreads();
@@ -109,11 +108,13 @@ inline bool wait_or_hang(cudaEvent_t done, int seconds, const char* what) {
   return true;
 }
 
-// Command line of every program here: [--check-only] [--max-seqlen N] | --layout-check.
+// Command line of every program here: [--check-only] [--max-seqlen N] [--head-dim 64|128] | --layout-check.
 struct Options {
   bool check_only = false;   // no timing
   bool layout_only = false;  // the host self-test alone
   int max_seqlen = 1 << 30;  // skip longer shapes (compute-sanitizer runs)
+  int head_dim = 0;          // 64 or 128; 0: both, 128 first (the Llama 3 8B-405B head dim, then 3.2 1B's)
+  bool runs(int d) const { return head_dim == 0 || head_dim == d; }
 };
 
 // Parses argv (exits with 2 and a usage line on anything else), sets stdout line-buffered (a timeout that kills
@@ -128,8 +129,12 @@ inline int start(int argc, char** argv, Options& opt, bool (*layout_selftest)())
       opt.layout_only = true;
     } else if (std::strcmp(argv[i], "--max-seqlen") == 0 && i + 1 < argc) {
       opt.max_seqlen = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--head-dim") == 0 && i + 1 < argc &&
+               (std::strcmp(argv[i + 1], "64") == 0 || std::strcmp(argv[i + 1], "128") == 0)) {
+      opt.head_dim = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--check-only] [--max-seqlen N] | --layout-check\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--check-only] [--max-seqlen N] [--head-dim 64|128] | --layout-check\n",
+                   argv[0]);
       std::exit(2);
     }
   }

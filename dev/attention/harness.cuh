@@ -1,6 +1,7 @@
 // harness.cuh: the check, timing and main() of a dev/attention rung. Include it last from a version's .cu file, after
-// defining on top of csrc/attention/flash_fwd_sm90.cuh: `kVersion` (a name for the log), `Cfg` (its configuration,
-// which the register-layout self-test reads) and `kKernel` (the kernel, launched through launch_fwd<Cfg>).
+// defining on top of csrc/attention/flash_fwd_sm90.cuh: `kVersion` (a name for the log) and the variable template
+// `kKernel<Cfg>` (the kernel for configuration FwdConfig<D>, launched through launch_fwd<Cfg>). Every step runs for
+// head dims 128 and 64 (or the one --head-dim names).
 #pragma once
 
 #include <cstring>
@@ -17,10 +18,10 @@
 // One block per checked (batch, head, row): scores into a global scratch row, softmax, then O = P V in fp32.
 __global__ void reference_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                       const int3* rows, float* scratch, float* o_ref, float* lse_ref, int seqlen,
-                                      int heads_q, int heads_kv, float scale) {
+                                      int heads_q, int heads_kv, int D, float scale) {
   const int3 item = rows[blockIdx.x];  // (batch, head, row)
-  float* o_row = o_ref + int64_t(blockIdx.x) * 128;
-  const float lse = naive_attention_row(q, k, v, item.x, item.y, item.z, seqlen, heads_q, heads_kv, scale,
+  float* o_row = o_ref + int64_t(blockIdx.x) * D;
+  const float lse = naive_attention_row(q, k, v, item.x, item.y, item.z, seqlen, heads_q, heads_kv, D, scale,
                                         scratch + int64_t(blockIdx.x) * seqlen, [&](int d, float x) { o_row[d] = x; });
   if (threadIdx.x == 0) lse_ref[blockIdx.x] = lse;
 }
@@ -36,9 +37,10 @@ struct Shape4 {
 // ~1e-6); dropping one key moves it by ~1e-3 even at row 4096.
 constexpr float kAtol = 3e-3f, kRtol = 2e-2f, kLseTol = 5e-4f;
 
-static bool check_shape(Shape4 shape, int heads_q, int heads_kv, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                        const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse, float scale) {
-  const int B = shape.batch, S = shape.seqlen, D = 128;
+static bool check_shape(Shape4 shape, int heads_q, int heads_kv, int D, const __nv_bfloat16* q,
+                        const __nv_bfloat16* k, const __nv_bfloat16* v, const __nv_bfloat16* o, const float* lse,
+                        float scale) {
+  const int B = shape.batch, S = shape.seqlen;
   // Sampled rows: edges of tiles and the tail in heads covering every KV group (Hkv = 8 of 4 query heads), plus
   // random rows.
   std::vector<int3> rows;
@@ -66,7 +68,8 @@ static bool check_shape(Shape4 shape, int heads_q, int heads_kv, const __nv_bflo
   CUDA_CHECK(cudaMalloc(&d_nonfinite, sizeof(unsigned long long)));
   CUDA_CHECK(cudaMemcpy(d_rows, rows.data(), n_rows * sizeof(int3), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemset(d_nonfinite, 0, sizeof(unsigned long long)));
-  reference_rows_kernel<<<n_rows, 256>>>(q, k, v, d_rows, d_scratch, d_o_ref, d_lse_ref, S, heads_q, heads_kv, scale);
+  reference_rows_kernel<<<n_rows, 256>>>(q, k, v, d_rows, d_scratch, d_o_ref, d_lse_ref, S, heads_q, heads_kv, D,
+                                         scale);
   count_nonfinite_kernel<<<1024, 256>>>(o, int64_t(B) * S * heads_q * D, d_nonfinite);
   count_nonfinite_kernel<<<1024, 256>>>(lse, int64_t(B) * heads_q * S, d_nonfinite);  // every row has a key
   CUDA_CHECK(cudaGetLastError());
@@ -117,7 +120,8 @@ static bool check_shape(Shape4 shape, int heads_q, int heads_kv, const __nv_bflo
 
 // Median kernel time over 20 runs, each after a 256 MiB memset that evicts L2 (50 MiB on H100).
 // Only the kernel launch sits between the events: the TMA descriptors are built once, before.
-static float time_ms(FwdParams const& params) {
+template <class Cfg>
+static float time_ms(FwdParams<Cfg> const& params) {
   constexpr int kWarmup = 5, kIters = 20;
   constexpr size_t kFlushBytes = size_t(256) << 20;
   void* flush;
@@ -125,7 +129,7 @@ static float time_ms(FwdParams const& params) {
   cudaEvent_t start, stop;
   CUDA_CHECK(cudaEventCreate(&start));
   CUDA_CHECK(cudaEventCreate(&stop));
-  auto launch = [&] { launch_fwd<Cfg>(kKernel, params, nullptr); };
+  auto launch = [&] { launch_fwd<Cfg>(kKernel<Cfg>, params, nullptr); };
   for (int i = 0; i < kWarmup; ++i) launch();
   std::vector<float> times;
   for (int i = 0; i < kIters; ++i) {
@@ -151,6 +155,7 @@ static float time_ms(FwdParams const& params) {
 // Host self-test of the register-layout assumptions the kernel relies on (runs without a GPU: --layout-check).
 // ------------------------------------------------------------------------------------------------------------------
 
+template <class Cfg>
 static bool layout_selftest() {
   constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, D = Cfg::kHeadDim;
   typename Cfg::TiledMmaQK mma_qk;
@@ -194,17 +199,18 @@ static bool layout_selftest() {
   }
   for (int x : owner_s) if (x != 1) { fail("S element not owned exactly once", -1); break; }
   for (int x : owner_o) if (x != 1) { fail("O element not owned exactly once", -1); break; }
-  std::printf("layout self-test: %s\n", errors == 0 ? "PASS" : "FAIL");
+  std::printf("layout self-test D=%d: %s\n", D, errors == 0 ? "PASS" : "FAIL");
   return errors == 0;
 }
 
-int main(int argc, char** argv) {
-  Options opt;
-  if (const int rc = start(argc, argv, opt, layout_selftest); rc >= 0) return rc;
-  if (!hopper_device(kVersion)) return 1;
-  CUDA_CHECK(prepare_fwd<Cfg>(kKernel));
+static bool layout_selftests() { return layout_selftest<FwdConfig<128>>() & layout_selftest<FwdConfig<64>>(); }
 
-  constexpr int kHeadsQ = 32, kHeadsKV = 8, D = 128;
+// Every shape at head dim Cfg::kHeadDim: checked, then (S >= 1024, unless --check-only) timed. False on a failed
+// check; exits on a hang.
+template <class Cfg>
+static bool run_head_dim(Options const& opt) {
+  CUDA_CHECK(prepare_fwd<Cfg>(kKernel<Cfg>));
+  constexpr int kHeadsQ = 32, kHeadsKV = 8, D = Cfg::kHeadDim;
   const float scale = 1.f / std::sqrt(float(D));
   // Odd lengths exercise the tail tile and the diagonal mask; the last three are the issue's timing shapes.
   const Shape4 shapes[] = {{1, 1}, {2, 17}, {1, 129}, {2, 1000}, {1, 4097}, {16, 1024}, {4, 4096}, {1, 16384}};
@@ -227,20 +233,20 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaMemset(lse, 0xff, int64_t(B) * kHeadsQ * S * sizeof(float)));
     cudaEvent_t done;
     CUDA_CHECK(cudaEventCreate(&done));
-    const FwdParams params = make_fwd_params<Cfg>(
+    const FwdParams<Cfg> params = make_fwd_params<Cfg>(
         reinterpret_cast<const cutlass::bfloat16_t*>(q), reinterpret_cast<const cutlass::bfloat16_t*>(k),
         reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<cutlass::bfloat16_t*>(o), lse, nullptr, B,
         S, 0, kHeadsQ, kHeadsKV, scale);
-    launch_fwd<Cfg>(kKernel, params, nullptr);
+    launch_fwd<Cfg>(kKernel<Cfg>, params, nullptr);
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaEventRecord(done));
     // A barrier-phase bug hangs instead of failing: give up after 20 s (the slowest shape takes milliseconds).
     char what[64];
     std::snprintf(what, sizeof(what), "B=%d S=%d", B, S);
-    if (!wait_or_hang(done, 20, what)) return 1;
+    if (!wait_or_hang(done, 20, what)) std::exit(1);
     CUDA_CHECK(cudaEventDestroy(done));
     std::printf("B=%d S=%d Hq=%d Hkv=%d D=%d causal\n", B, S, kHeadsQ, kHeadsKV, D);
-    all_ok &= check_shape(shape, kHeadsQ, kHeadsKV, q, k, v, o, lse, scale);
+    all_ok &= check_shape(shape, kHeadsQ, kHeadsKV, D, q, k, v, o, lse, scale);
     if (!opt.check_only && S >= 1024) {
       const float ms = time_ms(params);
       const double flops = 4.0 * B * kHeadsQ * double(S) * S * D / 2;  // causal: half of the 4*S^2*D per head
@@ -252,6 +258,16 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaFree(o));
     CUDA_CHECK(cudaFree(lse));
   }
+  return all_ok;
+}
+
+int main(int argc, char** argv) {
+  Options opt;
+  if (const int rc = start(argc, argv, opt, layout_selftests); rc >= 0) return rc;
+  if (!hopper_device(kVersion)) return 1;
+  bool all_ok = true;
+  if (opt.runs(128)) all_ok &= run_head_dim<FwdConfig<128>>(opt);
+  if (opt.runs(64)) all_ok &= run_head_dim<FwdConfig<64>>(opt);
   std::printf("%s\n", all_ok ? "ALL PASS" : "SOME CHECKS FAILED");
   return all_ok ? 0 : 1;
 }

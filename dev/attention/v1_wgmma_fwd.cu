@@ -1,4 +1,4 @@
-// v1_wgmma_fwd.cu: causal GQA flash-attention forward for Hopper (sm_90a), head dim 128, bf16, as a standalone
+// v1_wgmma_fwd.cu: causal GQA flash-attention forward for Hopper (sm_90a), head dim 64 or 128, bf16, as a standalone
 // program: one kernel (TMA producer warp + two wgmma consumer warpgroups), a naive fp32 reference on sampled rows,
 // and a timing loop. Scratch code for the ladder in dev/attention/README.md; not part of the llama3_kernels build.
 // v1: each consumer warpgroup runs S = QKᵀ, waits, softmax, O += PV, waits: no overlap of softmax with wgmma.
@@ -14,7 +14,7 @@ using namespace l3k::sm90;
 static constexpr const char* kVersion = "v1_wgmma_fwd";
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_constant__ FwdParams const params) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_constant__ FwdParams<Cfg> const params) {
   using Element = typename Cfg::Element;
   using SharedStorage = typename Cfg::SharedStorage;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_c
   Tensor tOcO = thr_mma_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor scores = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (2 rows, 32 cols) per thread
   Tensor score_coords = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-  Tensor out = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));     // (2 rows, 32 cols) per thread
+  Tensor out = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));     // (2 rows, D / 4 cols) per thread
   Tensor out_coords = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   constexpr int kRows = size<0>(decltype(scores){});
   static_assert(kRows == 2, "each thread owns two accumulator rows");
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_c
   }
   clear(tOrO);
 
-  const int row0 = t.m_block * kBlockM;
+  const int row0 = t.row0;
   cutlass::arch::ClusterBarrier::wait(&smem.q_full, 0);
 
   RingPos<Cfg::kStages> pos;  // K and V advance together
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_v1_kernel(__grid_c
   store_output<Cfg>(params, t, out, out_coords, row_max, row_sum);
 }
 
-// What harness.cuh runs.
-using Cfg = FwdConfig;
-static void (*const kKernel)(FwdParams) = flash_fwd_v1_kernel<Cfg>;
+// What harness.cuh runs, for each head dim's configuration.
+template <class Cfg>
+static void (*const kKernel)(FwdParams<Cfg>) = flash_fwd_v1_kernel<Cfg>;
 
 #include "harness.cuh"

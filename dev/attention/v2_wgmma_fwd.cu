@@ -12,8 +12,8 @@ using namespace l3k::sm90;
 
 static constexpr const char* kVersion = "v2_wgmma_fwd";
 
-// What harness.cuh runs.
-using Cfg = FwdConfig;
-static void (*const kKernel)(FwdParams) = flash_fwd_sm90_kernel<Cfg>;
+// What harness.cuh runs, for each head dim's configuration.
+template <class Cfg>
+static void (*const kKernel)(FwdParams<Cfg>) = flash_fwd_sm90_kernel<Cfg>;
 
 #include "harness.cuh"

@@ -5,6 +5,7 @@
 //
 //   make -C dev/attention v3_wgmma_bwd && ./dev/attention/v3_wgmma_bwd     # check + time every shape
 //   ./dev/attention/v3_wgmma_bwd --check-only --max-seqlen 1000           # short shapes (sanitizers)
+//   ./dev/attention/v3_wgmma_bwd --head-dim 64                            # one head dim (default: 128, then 64)
 //   ./dev/attention/v3_wgmma_bwd --layout-check                           # host-only layout self-test
 
 #include "../../csrc/attention/flash_bwd_sm90.cuh"
@@ -18,19 +19,18 @@ using namespace l3k::sm90;
 
 static constexpr const char* kVersion = "v3_wgmma_bwd";
 
-using Cfg = BwdConfig;
-
 // ------------------------------------------------------------------------------------------------------------------
 // Check
 // ------------------------------------------------------------------------------------------------------------------
 
 // Naive forward for every row: o (bf16, as the real forward stores it) and lse (fp32). One block per (b, h, i).
 __global__ void forward_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                    __nv_bfloat16* o, float* lse, int seqlen, int heads_q, int heads_kv, float scale) {
+                                    __nv_bfloat16* o, float* lse, int seqlen, int heads_q, int heads_kv, int D,
+                                    float scale) {
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   extern __shared__ float p_s[];  // [seqlen]
-  __nv_bfloat16* o_row = o + ((int64_t(b) * seqlen + i) * heads_q + h) * 128;
-  const float l = naive_attention_row(q, k, v, b, h, i, seqlen, heads_q, heads_kv, scale, p_s,
+  __nv_bfloat16* o_row = o + ((int64_t(b) * seqlen + i) * heads_q + h) * D;
+  const float l = naive_attention_row(q, k, v, b, h, i, seqlen, heads_q, heads_kv, D, scale, p_s,
                                       [&](int d, float x) { o_row[d] = __float2bfloat16(x); });
   if (threadIdx.x == 0) lse[(int64_t(b) * heads_q + h) * seqlen + i] = l;
 }
@@ -41,21 +41,22 @@ __global__ void forward_rows_kernel(const __nv_bfloat16* q, const __nv_bfloat16*
 __global__ void reference_grads_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                        const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse,
                                        const int4* items, float* ref, int seqlen, int heads_q, int heads_kv,
-                                       float scale) {
-  constexpr int D = 128;
+                                       int D, float scale) {
   const int4 it = items[blockIdx.x];
   const int b = it.x, head = it.y, row = it.z;
   const int group = heads_q / heads_kv;
-  const int d = threadIdx.x;  // blockDim.x == 128: one output column per thread
+  const int d = threadIdx.x;  // blockDim.x == D: one output column per thread
   auto at_q = [&](int i, int h) { return ((int64_t(b) * seqlen + i) * heads_q + h) * D; };
   auto at_k = [&](int j, int hk) { return ((int64_t(b) * seqlen + j) * heads_kv + hk) * D; };
   __shared__ float red[4];
-  auto block_dot = [&](float x) {  // sum over the 128 threads
+  auto block_dot = [&](float x) {  // sum over the D threads (2 or 4 warps)
     for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
     __syncthreads();
     if (d % 32 == 0) red[d / 32] = x;
     __syncthreads();
-    return red[0] + red[1] + red[2] + red[3];
+    float sum = 0.f;
+    for (int w = 0; w < D / 32; ++w) sum += red[w];
+    return sum;
   };
   if (it.w == 0) {  // dq_i = scale Σ_j dS_ij k_j
     const int h = head, hk = h / group, i = row;
@@ -93,10 +94,9 @@ __global__ void reference_grads_kernel(const __nv_bfloat16* q, const __nv_bfloat
 // (as every flash backward does), and the outputs are bf16; an error of a few percent of the row's largest value is
 // what that costs (FlashAttention's own tests compare against twice a bf16 reference's error), while a dropped key
 // or query tile, a missing head of the group, or a wrong mask moves a row by a good part of its magnitude.
-static bool check_grads(int B, int S, int Hq, int Hkv, const __nv_bfloat16* q, const __nv_bfloat16* k,
+static bool check_grads(int B, int S, int Hq, int Hkv, int D, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const __nv_bfloat16* o, const __nv_bfloat16* dout, const float* lse,
                         const __nv_bfloat16* dq, const __nv_bfloat16* dk, const __nv_bfloat16* dv, float scale) {
-  constexpr int D = 128;
   std::vector<int4> items;
   const int edge_rows[] = {0, 1, 63, 64, 127, 128, 129, S / 2, S - 129, S - 65, S - 64, S - 2, S - 1};
   for (int bb : {0, B - 1})
@@ -121,7 +121,7 @@ static bool check_grads(int B, int S, int Hq, int Hkv, const __nv_bfloat16* q, c
   CUDA_CHECK(cudaMalloc(&d_bad, sizeof(unsigned long long)));
   CUDA_CHECK(cudaMemcpy(d_items, items.data(), n_items * sizeof(int4), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemset(d_bad, 0, sizeof(unsigned long long)));
-  reference_grads_kernel<<<n_items, 128>>>(q, k, v, o, dout, lse, d_items, d_ref, S, Hq, Hkv, scale);
+  reference_grads_kernel<<<n_items, D>>>(q, k, v, o, dout, lse, d_items, d_ref, S, Hq, Hkv, D, scale);
   count_nonfinite_kernel<<<1024, 256>>>(dq, int64_t(B) * S * Hq * D, d_bad);
   count_nonfinite_kernel<<<1024, 256>>>(dk, int64_t(B) * S * Hkv * D, d_bad);
   count_nonfinite_kernel<<<1024, 256>>>(dv, int64_t(B) * S * Hkv * D, d_bad);
@@ -172,20 +172,21 @@ static bool check_grads(int B, int S, int Hq, int Hkv, const __nv_bfloat16* q, c
 // of a small tile address every element identically (TMA writes one, the transposed operands read the other);
 // (2) the fp32 S/dP accumulator and the RS wgmma's A fragment hold the same (row, col) at each flat index, so
 // P and dS convert element by element.
+template <class Cfg>
 static bool layout_selftest() {
   int errors = 0;
   auto fail = [&](const char* what, int a, int b) {
     if (errors++ < 10) std::printf("layout self-test: %s (%d, %d)\n", what, a, b);
   };
-  Cfg::SmemSmall kmaj;
-  Cfg::SmemSmallT mnmaj;
+  typename Cfg::SmemSmall kmaj;
+  typename Cfg::SmemSmallT mnmaj;
   for (int st = 0; st < Cfg::kStages; ++st)
     for (int r = 0; r < Cfg::kSmall; ++r)
       for (int d = 0; d < Cfg::kHeadDim; ++d)
         if (kmaj(r, d, st) != mnmaj(d, r, st)) fail("K-major and MN-major views differ", r, d);
-  Cfg::TiledMmaS mma_s;
-  Cfg::TiledMmaAcc mma_acc;
-  using Tile = Shape<Cfg::Big, Cfg::Small>;
+  typename Cfg::TiledMmaS mma_s;
+  typename Cfg::TiledMmaAcc mma_acc;
+  using Tile = Shape<typename Cfg::Big, typename Cfg::Small>;
   for (int t = 0; t < 256; ++t) {
     auto c = mma_s.get_thread_slice(t).partition_C(make_identity_tensor(Tile{}));
     auto a = mma_acc.get_thread_slice(t).partition_A(make_identity_tensor(Tile{}));
@@ -203,17 +204,20 @@ static bool layout_selftest() {
     for (int col = 0; col < size<1>(rc); ++col)
       if (get<1>(rc(0, col)) != get<1>(rc(1, col))) fail("columns differ between a thread's two rows", t, col);
   }
-  std::printf("layout self-test: %s\n", errors == 0 ? "PASS" : "FAIL");
+  std::printf("layout self-test D=%d: %s\n", Cfg::kHeadDim, errors == 0 ? "PASS" : "FAIL");
   return errors == 0;
 }
 
-int main(int argc, char** argv) {
-  Options opt;
-  if (const int rc = start(argc, argv, opt, layout_selftest); rc >= 0) return rc;
-  if (!hopper_device(kVersion)) return 1;
-  CUDA_CHECK(prepare_bwd());
+static bool layout_selftests() { return layout_selftest<BwdConfig<128>>() & layout_selftest<BwdConfig<64>>(); }
 
-  constexpr int Hq = 32, Hkv = 8, D = 128;
+// Every shape at head dim D: checked (where the naive reference stays in seconds), then (S >= 1024, unless
+// --check-only) timed. False on a failed check; exits on a hang.
+template <int D>
+static bool run_head_dim(Options const& opt) {
+  using Cfg = BwdConfig<D>;
+  using FwdCfg = FwdConfig<D>;
+  CUDA_CHECK(prepare_bwd<Cfg>());
+  constexpr int Hq = 32, Hkv = 8;
   const float scale = 1.f / std::sqrt(float(D));
   struct Shape2 {
     int batch, seqlen;
@@ -240,18 +244,18 @@ int main(int argc, char** argv) {
       const size_t shm = size_t(S) * sizeof(float);
       if (shm > 48 * 1024)
         CUDA_CHECK(cudaFuncSetAttribute(forward_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shm)));
-      forward_rows_kernel<<<dim3(S, Hq, B), 256, shm>>>(q, k, v, o, lse, S, Hq, Hkv, scale);
+      forward_rows_kernel<<<dim3(S, Hq, B), 256, shm>>>(q, k, v, o, lse, S, Hq, Hkv, D, scale);
     } else {  // timing only: the extension's forward supplies o and lse
-      const FwdParams fp = make_fwd_params<FwdConfig>(
+      const FwdParams<FwdCfg> fp = make_fwd_params<FwdCfg>(
           reinterpret_cast<const cutlass::bfloat16_t*>(q), reinterpret_cast<const cutlass::bfloat16_t*>(k),
           reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<cutlass::bfloat16_t*>(o), lse, nullptr,
           B, S, 0, Hq, Hkv, scale);
-      CUDA_CHECK(prepare_fwd<FwdConfig>(flash_fwd_sm90_kernel<FwdConfig>));
-      launch_fwd<FwdConfig>(flash_fwd_sm90_kernel<FwdConfig>, fp, nullptr);
+      CUDA_CHECK(prepare_fwd<FwdCfg>(flash_fwd_sm90_kernel<FwdCfg>));
+      launch_fwd<FwdCfg>(flash_fwd_sm90_kernel<FwdCfg>, fp, nullptr);
     }
     CUDA_CHECK(cudaGetLastError());
     for (auto* t : {dq, dk, dv}) CUDA_CHECK(cudaMemset(t, 0xff, (t == dq ? nq : nk) * sizeof(__nv_bfloat16)));
-    const BwdParams bp = make_bwd_params<Cfg>(
+    const BwdParams<Cfg> bp = make_bwd_params<Cfg>(
         reinterpret_cast<const cutlass::bfloat16_t*>(q), reinterpret_cast<const cutlass::bfloat16_t*>(k),
         reinterpret_cast<const cutlass::bfloat16_t*>(v), reinterpret_cast<const cutlass::bfloat16_t*>(dout), lse,
         dsum, reinterpret_cast<cutlass::bfloat16_t*>(dq), reinterpret_cast<cutlass::bfloat16_t*>(dk),
@@ -263,10 +267,10 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaEventRecord(done));
     char what[64];
     std::snprintf(what, sizeof(what), "B=%d S=%d backward", B, S);
-    if (!wait_or_hang(done, 20, what)) return 1;
+    if (!wait_or_hang(done, 20, what)) std::exit(1);
     CUDA_CHECK(cudaEventDestroy(done));
     std::printf("B=%d S=%d Hq=%d Hkv=%d D=%d causal backward\n", B, S, Hq, Hkv, D);
-    if (check) all_ok &= check_grads(B, S, Hq, Hkv, q, k, v, o, dout, lse, dq, dk, dv, scale);
+    if (check) all_ok &= check_grads(B, S, Hq, Hkv, D, q, k, v, o, dout, lse, dq, dk, dv, scale);
     if (!opt.check_only && S >= 1024) {
       constexpr int kWarmup = 3, kIters = 10;
       void* flush;
@@ -298,6 +302,16 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaFree(lse));
     CUDA_CHECK(cudaFree(dsum));
   }
+  return all_ok;
+}
+
+int main(int argc, char** argv) {
+  Options opt;
+  if (const int rc = start(argc, argv, opt, layout_selftests); rc >= 0) return rc;
+  if (!hopper_device(kVersion)) return 1;
+  bool all_ok = true;
+  if (opt.runs(128)) all_ok &= run_head_dim<128>(opt);
+  if (opt.runs(64)) all_ok &= run_head_dim<64>(opt);
   std::printf("%s\n", all_ok ? "ALL PASS" : "SOME CHECKS FAILED");
   return all_ok ? 0 : 1;
 }
