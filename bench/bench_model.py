@@ -1,8 +1,9 @@
 """End to end: a Llama 3.2-1B-shaped training step and batch-1 decode, this project's model vs plain PyTorch.
 
 The peer is the same model (same config, the same weights loaded by name) written in plain PyTorch:
-F.rms_norm, F.silu, SDPA; run eager and under torch.compile. Training step = forward, cross-entropy on fp32
-logits, backward (no optimizer), bf16 weights. Decode = one token against a cache already holding 4096
+F.rms_norm, F.silu, SDPA; run eager and under torch.compile. Training step = forward, cross-entropy in fp32
+(F.cross_entropy on fp32 logits for the plain model, this project's cross_entropy op on the bf16 logits for its
+own), backward (no optimizer), bf16 weights. Decode = one token against a cache already holding 4096
 tokens; this project's model is timed eager and replayed from a CUDA graph, the compiled peer uses
 mode="reduce-overhead" (CUDA graphs too).
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama3_kernels import ops
 from llama3_kernels.bench.bench_attention import sm90_skip
 from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled, env_set
 
@@ -179,8 +181,18 @@ def _train_inputs(ctx, cfg, b, s, dtype):
     return make
 
 
+def _plain_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _ours_loss(logits, targets):
+    return ops.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def _train_step(model_key: str, compile_it: bool, env: dict[str, str] | None = None):
-    """env: variables set around each step (the opt-in kernels, e.g. L3K_FLASH_FWD_SM90=1)."""
+    """env: variables set around each step (the opt-in kernels, e.g. L3K_FLASH_FWD_SM90=1). The loss is this
+    project's cross-entropy for its model and F.cross_entropy on fp32 logits for the plain one (same values)."""
+    loss_fn = _ours_loss if model_key == "ours" else _plain_loss
 
     def make(i):
         model = i[model_key]
@@ -191,8 +203,7 @@ def _train_step(model_key: str, compile_it: bool, env: dict[str, str] | None = N
         def step():
             with env_set(env):
                 logits = fwd(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                return torch.autograd.grad(loss, params)
+                return torch.autograd.grad(loss_fn(logits, y), params)
 
         return step
 

@@ -29,6 +29,7 @@ FAMILIES = {
     "ceiling": "llama3_kernels.bench.bench_ceiling",
     "norm": "llama3_kernels.bench.bench_norm",
     "swiglu": "llama3_kernels.bench.bench_swiglu",
+    "loss": "llama3_kernels.bench.bench_loss",
     "fp8": "llama3_kernels.bench.bench_fp8",
     "gemm": "llama3_kernels.bench.bench_gemm",
     "attention": "llama3_kernels.bench.bench_attention",

@@ -296,7 +296,7 @@ phase trace 60 "$PY" bench/profile_step.py
 [[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 40 |
   sed 's/^/    /' | tee -a "$SUMMARY"
 # shellcheck disable=SC2016  # expanded by the inner bash
-phase dev 150 bash -c '
+phase dev 180 bash -c '
   cd dev/attention || exit 1
   st=0
   # the named barriers of the ping-pong, on tiny shapes first (both head dims)

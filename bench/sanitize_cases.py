@@ -52,6 +52,13 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         gu = r(37, 2 * 760)  # the fused gate-up layout (strided halves)
         ops.swiglu(gu)
 
+    def cross_entropy():
+        for v in (1003, 4100):  # scalar and 4-wide vectors
+            x = r(37, v, grad=True)
+            t = torch.randint(0, v, (37,), device=dev)
+            t[::5] = -100
+            ops.cross_entropy(x, t).backward()
+
     def gemm():
         for m in (3, 16, 37, 200, 300):  # every fp8_rowwise_mm config: gemv, decode16, decode64, mid, prefill
             xq, xs = ops.quantize_fp8_rowwise(r(m, 528))  # K = 528: a tail past the GEMV's 512-byte warp step
@@ -98,6 +105,11 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
             out = ops.flash_attention(qp, kp, vp, True, None, cu, 64)
             torch.autograd.grad(out, (qp, kp, vp), torch.randn_like(out))
 
+    def rope_rotate(d: int):
+        x = r(37, 8 + 2 * 2, d, grad=True)[:, :10]  # a fused projection's q and k heads (strided tokens)
+        rot = torch.polar(torch.ones(37, d // 2, device=dev), torch.rand(37, d // 2, device=dev))
+        ops.rope(x, rot).backward(r(37, 10, d))
+
     def rope(d: int):
         hq, hkv = 8, 2
         qkv = r(3, 2, (hq + 2 * hkv) * d)
@@ -112,6 +124,7 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         "swiglu": (("swiglu_fwd", "swiglu_bwd"), swiglu_fwd_bwd),
         "swiglu_fp8": (("swiglu_fp8_fwd",), lambda: ops.swiglu_fp8(r(37, 760), r(37, 760))),
         "quantize_fp8_rowwise": (("quantize_fp8_rowwise",), lambda: ops.quantize_fp8_rowwise(r(37, 760))),
+        "cross_entropy": (("cross_entropy_fwd", "cross_entropy_bwd"), cross_entropy),
         "fp8_rowwise_mm": (("fp8_rowwise_mm", "quantize_fp8_rowwise"), gemm),
         "decode_linear": (("decode_gemv",), decode_linear),
         "flash_attention d128": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(128)),
@@ -119,12 +132,13 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         "flash_attention sm90": (("flash_attn_fwd", "flash_attn_bwd"), attention_sm90),
         "decode_attention d128": (("decode_attn",), lambda: decode(128)),
         "rope_kv_cache d64": (("rope_kv_cache",), lambda: rope(64)),
+        "rope d64": (("rope_rotate",), lambda: rope_rotate(64)),
     }
 
 
 # family → cases, one sanitizer process each
 FAMILIES = {
-    "norm": ("rms_norm", "rms_norm residual", "rms_norm_fp8", "quantize_fp8_rowwise"),
+    "norm": ("rms_norm", "rms_norm residual", "rms_norm_fp8", "quantize_fp8_rowwise", "cross_entropy"),
     "swiglu": ("swiglu", "swiglu_fp8"),
     "gemm": ("fp8_rowwise_mm", "decode_linear"),
     "attention": (
@@ -133,13 +147,14 @@ FAMILIES = {
         "flash_attention sm90",
         "decode_attention d128",
         "rope_kv_cache d64",
+        "rope d64",
     ),
 }
 # racecheck (shared-memory hazards) is far slower than memcheck: only the kernels that share tiles through
 # shared memory, at these tiny sizes
 RACECHECK = {
     "attention": ("flash_attention d64", "decode_attention d128"),
-    "norm": ("rms_norm",),
+    "norm": ("rms_norm", "cross_entropy"),
     "gemm": ("decode_linear",),
 }
 

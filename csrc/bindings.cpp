@@ -27,6 +27,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_bwd", &nrm::swiglu_bwd, "SwiGLU backward: dgate, dup");
   m.def("swiglu_fp8_fwd", &nrm::swiglu_fp8_fwd, "silu(gate) * up fused with row-wise e4m3 quantization");
   m.def("quantize_fp8_rowwise", &nrm::quantize_fp8_rowwise, "row-wise e4m3 quantization with the Llama 3 scale");
+  m.def("cross_entropy_fwd", &nrm::cross_entropy_fwd, "cross-entropy of 16-bit logits in fp32: loss, lse per row");
+  m.def("cross_entropy_bwd", &nrm::cross_entropy_bwd, "cross-entropy backward: dlogits in the logits' dtype");
   // ---- end norm family ---------------------------------------------------------------------------
 
   // ---- gemm family: csrc/gemm/ -------------------------------------------------------------------
@@ -65,5 +67,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("tokens"), py::arg("S"), py::arg("hq"), py::arg("hkv"),
         py::arg("d"), py::arg("L"), py::arg("k_stride_b"), py::arg("k_stride_l"), py::arg("v_stride_b"),
         py::arg("v_stride_l"), py::arg("dtype"), py::arg("stream"));
+  m.def("rope_rotate", &l3k::rope_rotate, "RoPE on [tokens, heads, d] by rot [tokens, d/2], or its inverse",
+        py::arg("x"), py::arg("x_row_stride"), py::arg("rot"), py::arg("out"), py::arg("tokens"), py::arg("heads"),
+        py::arg("d"), py::arg("inverse"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
   // ---- end attention family ----------------------------------------------------------------------
 }

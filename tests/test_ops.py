@@ -17,9 +17,10 @@ from llama3_kernels import reference
 from llama3_kernels.ops.attention import decode_attn, flash_attn_bwd, flash_attn_fwd
 from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
 from llama3_kernels.ops.linear import decode_gemv
+from llama3_kernels.ops.loss import cross_entropy_bwd, cross_entropy_fwd
 from llama3_kernels.ops.norm import rms_norm_bwd, rms_norm_fp8_fwd, rms_norm_fwd
 from llama3_kernels.ops.quant import quantize_fp8_rowwise_fwd
-from llama3_kernels.ops.rope import rope_kv_cache_op
+from llama3_kernels.ops.rope import rope_kv_cache_op, rope_rotate_op
 from llama3_kernels.ops.swiglu import swiglu_bwd, swiglu_fp8_fwd, swiglu_fwd
 
 E4M3 = torch.float8_e4m3fn
@@ -637,6 +638,7 @@ def test_info_is_honest():
     assert set(report["cuda_ops"]) == {
         "rms_norm", "rms_norm_fp8", "swiglu", "swiglu_fp8", "quantize_fp8_rowwise", "fp8_rowwise_mm",
         "flash_attention", "decode_attention", "rope_kv_cache", "decode_linear", "rms_norm_linear", "swiglu_linear",
+        "cross_entropy", "rope",
     }  # fmt: skip
     if not torch.cuda.is_available():
         assert all(path.startswith("reference") for path in report["cuda_ops"].values())
@@ -705,3 +707,145 @@ def test_flash_attention_lse_is_not_differentiable(gen):
     q = randn(gen, 1, 5, 2, 64).requires_grad_()
     out, lse = l3k.flash_attention(q, q, q, return_lse=True)
     assert out.requires_grad and not lse.requires_grad
+
+
+# ----------------------------------------------------------------------------------------- cross-entropy
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_torch(gen, reduction, dtype):
+    """Values and gradients of F.cross_entropy on fp64 copies of the same logits, ignored positions included."""
+    x = randn(gen, 3, 37, 1003, dtype=dtype, scale=4)
+    t = torch.randint(0, 1003, (3, 37), generator=gen)
+    t[0, :5] = -100
+    t[2, 7] = 17  # any ignore_index works
+    x.requires_grad_()
+    got = l3k.cross_entropy(x, t, reduction=reduction)
+    x64 = x.detach().double().requires_grad_()
+    want = F.cross_entropy(x64.flatten(0, 1), t.flatten(), reduction=reduction)
+    want = want.view(3, 37) if reduction == "none" else want
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert_close(got, want, atol=1e-5 * (1 if reduction != "sum" else 37 * 3), rtol=1e-6)
+    g = randn(gen, *got.shape) if got.dim() else torch.tensor(1.7)
+    (got * g).sum().backward()
+    (want * g.double()).sum().backward()
+    assert x.grad.dtype == dtype
+    # fp32: fp32 noise; bf16: one rounding of the fp32 gradient (rtol 2^-8) above the fp32 noise
+    assert_close(x.grad, x64.grad, atol=1e-7, rtol=1e-5 if dtype == torch.float32 else 2.0**-8)
+
+
+def test_cross_entropy_ignore_index_and_edges(gen):
+    x = randn(gen, 4, 50, scale=3).requires_grad_()
+    t = torch.tensor([3, 7, 7, 49])
+    loss = l3k.cross_entropy(x, t, ignore_index=7, reduction="none")
+    assert loss[1] == 0 and loss[2] == 0 and loss[0] > 0
+    loss.sum().backward()
+    assert torch.all(x.grad[1:3] == 0) and torch.all(x.grad[0] != 0)
+    assert math.isnan(l3k.cross_entropy(x, torch.full((4,), -100)).item())  # every position ignored: 0 / 0
+    x = torch.full((2, 5), -math.inf)
+    x[:, 2] = 0.0  # masked vocabulary: -inf logits take no probability and never make NaN
+    loss = l3k.cross_entropy(x.requires_grad_(), torch.tensor([2, 2]), reduction="none")
+    assert torch.equal(loss, torch.zeros(2))
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(2, 5))
+
+
+def test_cross_entropy_reference_marks_bad_targets_nan():
+    """What the kernels do with a target outside [0, V) (the public op raises on CPU before getting there)."""
+    x = torch.zeros(3, 5)
+    loss, lse = reference.cross_entropy(x, torch.tensor([1, 5, -3]), -100)
+    assert (
+        loss[0] == pytest.approx(math.log(5))
+        and loss[1:].isnan().all()
+        and torch.allclose(lse, torch.full((3,), math.log(5)))
+    )
+    d = reference.cross_entropy_backward(torch.ones(3), x, torch.tensor([1, 5, -100]), lse, -100)
+    assert d[0, 1] == pytest.approx(0.2 - 1) and d[1].isnan().all() and torch.equal(d[2], torch.zeros(5))
+
+
+def test_cross_entropy_opcheck(gen):
+    x, t = randn(gen, 7, 40), torch.randint(0, 40, (7,), generator=gen)
+    t[3] = -100
+    torch.library.opcheck(cross_entropy_fwd, (x.requires_grad_(), t, -100))
+    loss, lse = cross_entropy_fwd(x.detach(), t, -100)
+    torch.library.opcheck(cross_entropy_bwd, (randn(gen, 7), x.detach(), t, lse, -100))
+
+
+@pytest.mark.parametrize(
+    "call,exc,name",
+    [
+        (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.ones(4)), TypeError, "targets"),
+        (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.zeros(5, dtype=torch.long)), ValueError, "targets"),
+        (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.tensor([0, 1, 7, 2])), ValueError, "targets"),
+        (
+            lambda: l3k.cross_entropy(torch.ones(4, 7, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+            TypeError,
+            "logits",
+        ),  # fmt: skip
+        (lambda: l3k.cross_entropy(torch.ones(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "logits"),
+        (
+            lambda: l3k.cross_entropy(torch.ones(4, 7), torch.zeros(4, dtype=torch.long), reduction="avg"),
+            ValueError,
+            "reduction",
+        ),  # fmt: skip
+    ],
+)
+def test_cross_entropy_bad_inputs(call, exc, name):
+    with pytest.raises(exc, match=rf"^{name}:"):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------- rope
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot_shape", ["per_batch", "shared"])
+def test_rope_matches_real_arithmetic(gen, dtype, rot_shape):
+    """Values against fp64 real arithmetic on the interleaved pairs; gradient = the inverse rotation of dy."""
+    b, s, h, d = 2, 5, 3, 8
+    x = randn(gen, b, s, h, d, dtype=dtype).requires_grad_()
+    angles = randn(gen, *((b, s) if rot_shape == "per_batch" else (s,)), d // 2, dtype=torch.float64) * 3
+    rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    y = l3k.rope(x, rot)
+    pairs = x.detach().double().view(b, s, h, d // 2, 2)
+    c, sn = angles.cos().expand(b, s, d // 2)[:, :, None], angles.sin().expand(b, s, d // 2)[:, :, None]
+    want = torch.stack([pairs[..., 0] * c - pairs[..., 1] * sn, pairs[..., 0] * sn + pairs[..., 1] * c], -1)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-6, rtol=2**-8)
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, want.flatten(-2), **tol)
+    dy = randn(gen, b, s, h, d, dtype=dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    g = dy.double().view(b, s, h, d // 2, 2)
+    inverse = torch.stack([g[..., 0] * c + g[..., 1] * sn, -g[..., 0] * sn + g[..., 1] * c], -1)
+    assert_close(dx, inverse.flatten(-2), **tol)
+
+
+def test_rope_takes_strided_heads_views(gen):
+    """The fused projection's q and k heads: a view with token stride (Hq + 2 Hkv) D, rotated without a copy."""
+    qkv = randn(gen, 2, 5, 4 + 2 * 2, 8)
+    rot = torch.polar(torch.ones(5, 4), randn(gen, 5, 4))
+    view = qkv[:, :, :6]
+    assert torch.equal(l3k.rope(view, rot), l3k.rope(view.contiguous(), rot))
+
+
+def test_rope_opcheck(gen):
+    x = randn(gen, 7, 3, 8)
+    rot_pairs = torch.view_as_real(torch.polar(torch.ones(7, 4), randn(gen, 7, 4)))
+    torch.library.opcheck(rope_rotate_op, (x.requires_grad_(), rot_pairs, False))
+    torch.library.opcheck(rope_rotate_op, (x.detach(), rot_pairs, True))
+
+
+@pytest.mark.parametrize(
+    "call,exc,name",
+    [
+        (lambda: l3k.rope(torch.ones(2, 3, 4, 7), torch.ones(3, 3, dtype=torch.complex64)), ValueError, "x"),
+        (lambda: l3k.rope(torch.ones(2, 3, 4, 8), torch.ones(3, 4)), TypeError, "rot"),
+        (lambda: l3k.rope(torch.ones(2, 3, 4, 8), torch.ones(5, 4, dtype=torch.complex64)), ValueError, "rot"),
+        (lambda: l3k.rope(torch.ones(2, 3, 4, 8, dtype=torch.long), torch.ones(3, 4)), TypeError, "x"),
+        (
+            lambda: l3k.rope(torch.ones(2, 3, 4, 8), torch.ones(3, 4, dtype=torch.complex64, requires_grad=True)),
+            ValueError,
+            "rot",
+        ),
+    ],
+)
+def test_rope_bad_inputs(call, exc, name):
+    with pytest.raises(exc, match=rf"^{name}:"):
+        call()

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from llama3_kernels import ops
 from llama3_kernels.training import checkpoint as ckpt
 from llama3_kernels.training.config import TrainConfig
 from llama3_kernels.training.data import IGNORE, Batch, Loader, build_corpus, get_tokenizer, make_batch
@@ -184,7 +184,8 @@ def _forward_loss(model: nn.Module, batch: Batch, layout: Layout) -> torch.Tenso
         logits = model(batch.tokens, batch.positions, attn_fn=attn_fn)
     else:
         logits = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    # fp32 math on the 16-bit logits, without F.cross_entropy(logits.float())'s fp32 copies (ops/loss.py)
+    return ops.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def _all_sum(x: torch.Tensor, layout: Layout) -> torch.Tensor:

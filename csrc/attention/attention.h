@@ -55,6 +55,11 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
                  std::int64_t v_stride_b, std::int64_t v_stride_l, float softmax_scale, int dtype, int num_sms,
                  std::uintptr_t stream);
 
+// RoPE for training: x [tokens, heads, d] (token stride x_row_stride, heads dense) rotated pairwise by rot
+// [tokens, d/2] fp32 (cos, sin), or by the conjugate rotation when `inverse` (the backward), into out dense.
+void rope_rotate(std::uintptr_t x, std::int64_t x_row_stride, std::uintptr_t rot, std::uintptr_t out,
+                 std::int64_t tokens, int heads, int d, bool inverse, int dtype, int num_sms, std::uintptr_t stream);
+
 // RoPE on the q and k heads of qkv [T, (Hq + 2 Hkv) D] (row stride qkv_row_stride, in elements) by rot [T, D/2]
 // fp32 (cos, sin) pairs, q written to q_out [T, Hq, D], rotated k and raw v appended to the caches [Bmax, L, Hkv, D]
 // at (t / S, positions[t]) (int64). Tokens whose position is outside [0, L) write no cache entry and get NaN q.

@@ -38,7 +38,7 @@ void run_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uin
   using Bf16 = cutlass::bfloat16_t;
   auto kernel = sm90::flash_fwd_sm90_kernel<Cfg>;
   check_cuda(sm90::prepare_fwd<Cfg>(kernel), "flash_fwd_sm90: shared memory opt-in");
-  const sm90::FwdParams params = sm90::make_fwd_params<Cfg>(
+  const sm90::FwdParams<Cfg> params = sm90::make_fwd_params<Cfg>(
       as_ptr<const Bf16>(q), as_ptr<const Bf16>(k), as_ptr<const Bf16>(v), as_ptr<Bf16>(out), as_ptr<float>(lse),
       as_ptr<const int>(cu_seqlens), batch, max_seqlen, total_q, hq, hkv, softmax_scale);
   sm90::launch_fwd<Cfg>(kernel, params, as_stream(stream));

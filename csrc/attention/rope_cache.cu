@@ -10,8 +10,13 @@
 // (a CUDA graph replays them), so no host check can run; the NaN makes the caller's bug visible downstream.
 //
 // One CTA per token, each thread one 16-byte vector (4 pairs) at a time: the whole step moves a few KB per token.
+//
+// rope_rotate, the training form: x [T, H, D] (any token stride, heads dense) rotated by rot [T, D/2], or by its
+// conjugate (the backward: a rotation's gradient is the inverse rotation), into out [T, H, D] dense. A flat grid
+// over 16-byte vectors, each read and written once; the model's complex-multiply form writes and reads fp32 copies.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -74,6 +79,32 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kv_cache_kernel(const RopeP
   }
 }
 
+constexpr int kRotateThreads = 256;
+
+template <typename T, bool kInverse>
+__global__ void __launch_bounds__(kRotateThreads) rope_rotate_kernel(const T* x, int64_t x_stride, const float2* rot,
+                                                                    T* out, int64_t nvec, int heads, int d) {
+  const int vecs_per_token = heads * (d / 8), vecs_per_head = d / 8;
+  for (int64_t v = blockIdx.x * int64_t(kRotateThreads) + threadIdx.x; v < nvec;
+       v += int64_t(gridDim.x) * kRotateThreads) {
+    const int64_t tok = v / vecs_per_token;
+    const int within = int(v - tok * vecs_per_token), head = within / vecs_per_head;
+    const int col = (within - head * vecs_per_head) * 8;
+    uint4 u = *reinterpret_cast<const uint4*>(x + tok * x_stride + int64_t(head) * d + col);
+    const float4* cs4 = reinterpret_cast<const float4*>(rot + tok * (d / 2) + col / 2);  // 4 pairs: 32 bytes
+    const float4 cs01 = cs4[0], cs23 = cs4[1];
+    const float2 cs[4] = {{cs01.x, cs01.y}, {cs01.z, cs01.w}, {cs23.x, cs23.y}, {cs23.z, cs23.w}};
+    uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 p = Half<T>::unpack(w[i]);
+      const float s = kInverse ? -cs[i].y : cs[i].y;  // conjugate: (cos, -sin)
+      w[i] = Half<T>::pack(p.x * cs[i].x - p.y * s, p.x * s + p.y * cs[i].x);
+    }
+    *reinterpret_cast<uint4*>(out + v * 8) = u;  // out is dense: vector v sits at element 8 v
+  }
+}
+
 }  // namespace
 }  // namespace l3k::attn
 
@@ -128,6 +159,41 @@ void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr
   if (dt == DType::BF16) rope_kv_cache_kernel<__nv_bfloat16><<<unsigned(tokens), kRopeThreads, 0, s>>>(p);
   else rope_kv_cache_kernel<__half><<<unsigned(tokens), kRopeThreads, 0, s>>>(p);
   L3K_CHECK_LAUNCH("rope_kv_cache_kernel");
+}
+
+void rope_rotate(std::uintptr_t x, std::int64_t x_row_stride, std::uintptr_t rot, std::uintptr_t out,
+                 std::int64_t tokens, int heads, int d, bool inverse, int dtype, int num_sms, std::uintptr_t stream) {
+  using namespace attn;
+  const DType dt = to_dtype(dtype, "dtype");
+  require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
+  require(d > 0 && d % 8 == 0 && d <= 512, "d", "expected a head dim that is a multiple of 8 (<= 512), got " +
+                                                     std::to_string(d));
+  require(heads > 0, "heads", "expected a positive head count, got " + std::to_string(heads));
+  require(tokens >= 0, "tokens", "expected >= 0, got " + std::to_string(tokens));
+  require(num_sms > 0, "num_sms", "expected > 0, got " + std::to_string(num_sms));
+  require(tokens <= 1 || (x_row_stride >= int64_t(heads) * d && x_row_stride % 8 == 0), "x_row_stride",
+          "expected a multiple of 8 that covers heads * d, got " + std::to_string(x_row_stride));
+  if (tokens == 0) return;
+  const std::pair<const char*, std::uintptr_t> pointers[] = {{"x", x}, {"out", out}, {"rot", rot}};
+  for (const auto& [name, address] : pointers) {
+    require(address != 0, name, "null pointer");
+    require(address % 16 == 0, name, "expected a 16-byte aligned pointer");
+  }
+  const std::int64_t nvec = tokens * heads * (d / 8);
+  const unsigned grid = unsigned(std::min<std::int64_t>((nvec + kRotateThreads - 1) / kRotateThreads,
+                                                        std::int64_t(num_sms) * (2048 / kRotateThreads)));
+  const cudaStream_t s = as_stream(stream);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = as_ptr<const T>(x);
+    T* op = as_ptr<T>(out);
+    const float2* rp = as_ptr<const float2>(rot);
+    if (inverse) rope_rotate_kernel<T, true><<<grid, kRotateThreads, 0, s>>>(xp, x_row_stride, rp, op, nvec, heads, d);
+    else rope_rotate_kernel<T, false><<<grid, kRotateThreads, 0, s>>>(xp, x_row_stride, rp, op, nvec, heads, d);
+  };
+  if (dt == DType::BF16) launch(__nv_bfloat16{});
+  else launch(__half{});
+  L3K_CHECK_LAUNCH("rope_rotate_kernel");
 }
 
 }  // namespace l3k

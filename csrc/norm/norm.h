@@ -1,5 +1,5 @@
-// Launchers of the norm family (RMSNorm, SwiGLU, FP8 row-wise quantization). Pointers are device addresses
-// (0 = absent), strides count elements, dtypes are l3k::DType codes, `stream` is a cudaStream_t. Activations
+// Launchers of the norm family (RMSNorm, SwiGLU, FP8 row-wise quantization, cross-entropy). Pointers are device
+// addresses (0 = absent), strides count elements, dtypes are l3k::DType codes, `stream` is a cudaStream_t. Activations
 // are f16/bf16; outputs are dense [M, N] (or [M, F]) with row stride N; scale and rstd are fp32 [M].
 // Bad arguments throw std::invalid_argument naming the argument; launch failures throw std::runtime_error.
 #pragma once
@@ -40,5 +40,15 @@ void swiglu_fp8_fwd(uptr gate, int64_t gate_row_stride, uptr up, int64_t up_row_
 // scale = max(min(amax, amax_ub) / 448, 1 / (448 * 512)), q = e4m3(clamp(x * (1 / scale), +-448)), per row.
 void quantize_fp8_rowwise(uptr x, int64_t x_row_stride, uptr q, uptr scale, int64_t M, int64_t N, double amax_ub,
                           int dtype, int num_sms, uptr stream);
+
+// Cross-entropy in fp32 of logits [M, V] (16-bit, row stride >= V) against int64 targets [M]: lse [M] fp32 and
+// loss [M] fp32 = lse - logits[target], 0 where target == ignore_index, NaN where a target is outside [0, V).
+void cross_entropy_fwd(uptr logits, int64_t row_stride, uptr targets, uptr loss, uptr lse, int64_t M, int64_t V,
+                       int64_t ignore_index, int dtype, int num_sms, uptr stream);
+
+// dlogits [M, V] dense = grad[row] * (exp(logits - lse) - [col == target]): 0 on ignored rows, NaN on rows whose
+// target is outside [0, V); grad [M] fp32.
+void cross_entropy_bwd(uptr grad, uptr logits, int64_t row_stride, uptr targets, uptr lse, uptr dlogits, int64_t M,
+                       int64_t V, int64_t ignore_index, int dtype, int num_sms, uptr stream);
 
 }  // namespace l3k::norm

@@ -6,6 +6,7 @@ CUDA path runs the compiled kernel from `llama3_kernels._C` when it was built; `
 
 from llama3_kernels.info import info
 from llama3_kernels.ops import (
+    cross_entropy,
     decode_attention,
     decode_linear,
     flash_attention,
@@ -14,6 +15,7 @@ from llama3_kernels.ops import (
     rms_norm,
     rms_norm_fp8,
     rms_norm_linear,
+    rope,
     rope_kv_cache,
     swiglu,
     swiglu_fp8,
@@ -23,6 +25,7 @@ from llama3_kernels.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cross_entropy",
     "decode_attention",
     "decode_linear",
     "flash_attention",
@@ -32,6 +35,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_fp8",
     "rms_norm_linear",
+    "rope",
     "rope_kv_cache",
     "swiglu",
     "swiglu_fp8",

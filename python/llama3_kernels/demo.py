@@ -45,6 +45,9 @@ def check_ops(device: torch.device) -> list[tuple[str, float]]:
         is_causal=True,
     ).transpose(1, 2)  # fmt: skip
     rows.append(("flash_attention (causal GQA)", _max_err(out, ref)))
+    logits, targets = torch.randn(37, 1003, generator=g) * 4, torch.randint(0, 1003, (37,), generator=g)
+    loss = l3k.cross_entropy(logits.to(device, dt), targets.to(device), reduction="none")
+    rows.append(("cross_entropy", _max_err(loss, F.cross_entropy(logits.to(dt).double(), targets, reduction="none"))))
     return rows
 
 

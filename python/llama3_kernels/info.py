@@ -22,6 +22,8 @@ OP_KERNELS = {
     "flash_attention": ("flash_attn_fwd", "flash_attn_bwd"),
     "decode_attention": ("decode_attn",),
     "rope_kv_cache": ("rope_kv_cache",),
+    "rope": ("rope_rotate",),
+    "cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
 }
 
 

@@ -116,6 +116,41 @@ def fp8_rowwise_mm(
     return y.to(out_dtype)
 
 
+# -------------------------------------------------------------------------------------------- loss
+def _labels(
+    targets: torch.Tensor, n_classes: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid, bad, safe index): valid = not ignored, bad = valid but outside [0, n_classes)."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= n_classes))
+    return valid, bad, torch.where(valid & ~bad, targets, 0)
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy in fp32 of logits [M, V] against targets [M]: (loss, lse), loss = lse - logit[target],
+    0 where target == ignore_index and NaN where a target is outside [0, V)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    valid, bad, index = _labels(targets, x.shape[-1], ignore_index)
+    loss = torch.where(valid, lse - x.gather(-1, index.unsqueeze(-1)).squeeze(-1), 0.0)
+    return loss.masked_fill(bad, math.nan), lse
+
+
+def cross_entropy_backward(
+    grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """dlogits = grad[:, None] * (softmax(logits) - onehot(target)) in the logits' dtype; 0 on ignored rows, NaN on
+    rows whose target is outside [0, V)."""
+    x = logits.float()
+    valid, bad, index = _labels(targets, x.shape[-1], ignore_index)
+    d = torch.exp(x - lse.unsqueeze(-1))
+    d.scatter_add_(-1, index.unsqueeze(-1), torch.where(valid, -1.0, 0.0).unsqueeze(-1))
+    g = torch.where(valid, grad.float(), 0.0).masked_fill(bad, math.nan)
+    return (d * g.unsqueeze(-1)).to(logits.dtype)
+
+
 # ---------------------------------------------------------------------------------------- attention
 def _softmax_probs(q, k, v, scale, causal):
     """Attention probabilities of one sequence with the G query heads of each KV head stacked along rows.
@@ -195,6 +230,16 @@ def decode_attention(
     lens = cache_seqlens.tolist()
     outs = [_attend(q[b], k_cache[b, : lens[b]], v_cache[b, : lens[b]], scale, True)[0] for b in range(q.shape[0])]
     return torch.stack(outs).to(q.dtype) if outs else q.new_zeros(q.shape)
+
+
+def rope_rotate(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [..., H, D] with its interleaved pairs (x[2i], x[2i+1]) rotated by rot [..., D/2] complex64 (cos + i sin),
+    or by its conjugate (the inverse rotation): (x0 c - x1 s, x0 s + x1 c) in fp32; x's dtype out, contiguous."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = rot.real.unsqueeze(-2), rot.imag.unsqueeze(-2)  # [..., 1, D/2] against [..., H, D/2]
+    s = -s if inverse else s
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype).contiguous()
 
 
 def rope_kv_cache(

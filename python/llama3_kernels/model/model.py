@@ -21,6 +21,12 @@ from llama3_kernels.model.rope import rope_frequencies, rope_tables, rotate_pair
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+def _rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """RoPE through ops.rope (one read and one write of x each way); under torch.compile the real-arithmetic form,
+    which Inductor fuses with its neighbours where a custom op would stay opaque."""
+    return rotate_pairs(x, rot) if torch.compiler.is_compiling() else ops.rope(x, rot)
+
+
 @torch.no_grad()
 def _stacked_linear(*parts: nn.Linear) -> nn.Linear:
     """One bias-free Linear whose output rows are the parts' rows, in order (fused projections)."""
@@ -78,9 +84,9 @@ class Attention(nn.Module):
             q = self.wq(x).view(b, s, hq, d)
             k = self.wk(x).view(b, s, hkv, d)
             v = self.wv(x).view(b, s, hkv, d)
-            return rotate_pairs(q, rot), rotate_pairs(k, rot), v
+            return _rotate(q, rot), _rotate(k, rot), v
         qkv = self.wqkv(x).view(b, s, hq + 2 * hkv, d)
-        qk = rotate_pairs(qkv[:, :, : hq + hkv], rot)  # q and k rotated in one pass (3 kernels, not 6)
+        qk = _rotate(qkv[:, :, : hq + hkv], rot)  # q and k rotated in one pass
         return qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
 
     def forward(
@@ -230,7 +236,7 @@ class Transformer(nn.Module):
     def fuse_projections(self) -> Transformer:
         """Inference: per layer one [wq; wk; wv] GEMM and one [w1; w3] GEMM, RoPE on q and k in one pass.
 
-        A batch-1 decode step then launches 6 kernels a layer instead of 19: one GEMV for q/k/v and one for
+        A batch-1 decode step then launches 6 kernels a layer instead of 17: one GEMV for q/k/v and one for
         w1/w3, RoPE with the two cache writes as one `rope_kv_cache` kernel, and each norm and the SwiGLU inside
         the GEMV that consumes it (ops.rms_norm_linear / swiglu_linear), which is what a CUDA-graph decode pays
         for at a few us a kernel. The state dict then holds wqkv / w13 instead of

@@ -1,7 +1,9 @@
-"""RoPE with the KV-cache append, for a fused qkv projection: the decode step's rotate-and-append as one op.
+"""RoPE: `rope` for training and prefill (differentiable), and `rope_kv_cache`, the decode step's rotate-and-append.
 
-The model's decode step otherwise runs five kernels per layer here (fp32 cast, complex multiply, cast back,
-and an index_put for each cache); the CUDA kernel does it in one pass over the token's qkv row.
+Written with torch ops, a rotation casts to fp32, multiplies as complex numbers and casts back: three kernels and
+fp32 copies each way. `rope` reads and writes each 16-bit element once, forward and backward (the gradient of a
+rotation is the inverse rotation). The model's decode step would otherwise run five kernels per layer (those three
+and an index_put for each cache); `rope_kv_cache` does it in one pass over the token's qkv row.
 """
 
 from __future__ import annotations
@@ -21,10 +23,89 @@ from llama3_kernels.ops._common import (
     kernel,
     on_input_device,
     ptr,
+    sm_count,
     stream,
     use_cuda_kernel,
 )
 from llama3_kernels.ops.attention import cache_layout_ok
+
+
+@torch.library.custom_op("llama3_kernels::rope_rotate", mutates_args=())
+def rope_rotate_op(x: Tensor, rot_pairs: Tensor, inverse: bool) -> Tensor:
+    """x [T, H, D] (last dim contiguous), rot_pairs [T, D/2, 2] fp32 (cos, sin) → x rotated, [T, H, D] contiguous."""
+    return reference.rope_rotate(x, torch.view_as_complex(rot_pairs.contiguous()), inverse)
+
+
+@rope_rotate_op.register_kernel("cuda")
+@on_input_device
+def _rope_rotate_cuda(x, rot_pairs, inverse):
+    t, h, d = x.shape
+    launchable = (
+        x.dtype in HALF_DTYPES
+        and d % 8 == 0
+        and d <= 512
+        and x.stride(2) == 1
+        and x.stride(1) == d  # heads dense within a token
+        and (t <= 1 or (x.stride(0) % 8 == 0 and x.stride(0) >= h * d))
+        and rot_pairs.is_contiguous()
+        and use_cuda_kernel("rope_rotate", x, rot_pairs)
+    )
+    if not launchable:
+        return reference.rope_rotate(x, torch.view_as_complex(rot_pairs.contiguous()), inverse)
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    kernel("rope_rotate")(
+        ptr(x), x.stride(0), ptr(rot_pairs), ptr(out), t, h, d, inverse, DTYPE_CODES[x.dtype],
+        sm_count(x.device.index), stream(x),
+    )  # fmt: skip
+    return out
+
+
+@rope_rotate_op.register_fake
+def _(x, rot_pairs, inverse):
+    return x.new_empty(x.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.inverse = inputs[2]
+
+
+def _rope_backward(ctx, grad):
+    (rot_pairs,) = ctx.saved_tensors
+    return rope_rotate_op(grad, rot_pairs, not ctx.inverse), None, None
+
+
+torch.library.register_autograd("llama3_kernels::rope_rotate", _rope_backward, setup_context=_rope_setup)
+
+
+def rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of every head by each token's angles (Meta's RoPE convention).
+
+    Args:
+        x: [..., H, D] float32, bfloat16 or float16 (e.g. q [B, S, Hq, D]), with a unit stride in the last dim.
+        rot: [..., D/2] complex64, cos + i·sin of each token's angles, broadcastable to x's leading dims
+            (e.g. [S, D/2] or [B, S, D/2]). Not differentiated: a table, not a parameter.
+    Returns:
+        [..., H, D] in x's dtype, contiguous: the pairs as complex numbers times rot, in fp32, rounded once.
+        Differentiable with respect to x.
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=2)
+    check_tensor("rot", rot, dtypes=(torch.complex64,), min_ndim=1)
+    check_last_dim_contiguous("x", x)
+    *lead, h, d = x.shape
+    if d % 2:
+        raise ValueError(f"x: expected an even head dim (pairs), got shape {tuple(x.shape)}")
+    try:
+        rot = rot.expand(*lead, d // 2)
+    except RuntimeError:
+        raise ValueError(f"rot: expected a shape broadcastable to {(*lead, d // 2)}, got {tuple(rot.shape)}") from None
+    check_same_device(x=x, rot=rot)
+    if rot.requires_grad and torch.is_grad_enabled():
+        raise ValueError("rot: expected a table without gradient (rope differentiates x only)")
+    rot_pairs = torch.view_as_real(rot.resolve_conj().reshape(-1, d // 2).contiguous())  # [T, D/2, 2]
+    return rope_rotate_op(x.reshape(-1, h, d), rot_pairs, False).view(*lead, h, d)
 
 
 def _reference(qkv: Tensor, rot_pairs: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int):
