@@ -15,6 +15,7 @@ mode="reduce-overhead" (CUDA graphs too).
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -236,7 +237,10 @@ GRAPH_KERNELS = ("decode_gemv", "rope_kv_cache", "decode_attn")  # a fused decod
 FP8_KERNELS = ("rms_norm_fp8_fwd", "swiglu_fp8_fwd", "fp8_rowwise_mm")
 
 
-def _ours_decode(graph: bool, fp8: bool = False):
+def _ours_decode(graph: bool, fp8: bool = False, env: dict[str, str] | None = None):
+    """env: variables set around each step, the capture included (L3K_PDL=1 is a launch attribute: a graph keeps
+    what capture saw)."""
+
     def make(i):
         model, tok, positions, lens = i["ours"], i["token"], i["positions"], i["cache_seqlens"]
         if fp8:  # the paper's serving path: inner layers' FFNs in row-wise FP8 (same weights, same cache history)
@@ -251,12 +255,17 @@ def _ours_decode(graph: bool, fp8: bool = False):
                 raise RuntimeError(f"no CUDA graph: kernels not built ({', '.join(missing)}), references sync")
 
         def step():
-            with torch.inference_mode():
+            with env_set(env), torch.inference_mode():
                 return model(tok, positions, cache_seqlens=lens)
 
         return cuda_graphed(step) if graph else step
 
     return make
+
+
+def _gemv_gate_skip() -> str | None:
+    """bench/device_check.sh sets L3K_DECODE_GEMV=0 when the decode GEMV's tests (PDL's among them) fail."""
+    return "the decode GEMV failed its gate in this run" if os.environ.get("L3K_DECODE_GEMV") == "0" else None
 
 
 def _plain_decode(compile_it: bool):
@@ -310,6 +319,12 @@ def cases(ctx: Context) -> list[Case]:
                         - (cfg.n_layers - 2) * 3.0 * cfg.dim * cfg.ffn_dim) if cfg else None  # fmt: skip
     impls = [
         Impl(f"{OURS} (CUDA graph)", _ours_decode(True), ours=True, skip=skip or ctx.needs_cuda()),
+        Impl(
+            f"{OURS} (CUDA graph, PDL, opt-in)",
+            _ours_decode(True, env={"L3K_PDL": "1"}),
+            ours=True,
+            skip=skip or ctx.needs_cuda() or _gemv_gate_skip(),
+        ),
         Impl(f"{OURS} eager", _ours_decode(False), ours=True, skip=skip),
         Impl(
             f"{OURS} FP8 FFN" + ("" if ctx.cpu else " (CUDA graph)"),

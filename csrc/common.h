@@ -44,4 +44,34 @@ inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 }  // namespace l3k
 
 #define L3K_CHECK_LAUNCH(name) ::l3k::check_cuda(cudaGetLastError(), name)
+
+namespace l3k {
+// Programmatic dependent launch (PDL, sm_90), for the decode step's chain of short kernels. With L3K_PDL=1 a kernel
+// launched by launch_pdl may start while the previous kernel on the stream is still finishing, so its first
+// independent work (the GEMV's weight loads) overlaps that kernel's tail and the launch gap. Such a kernel must call
+// pdl_wait() in every thread before it reads or writes memory that earlier kernels touch: their outputs, and its own
+// outputs too (the caching allocator hands out freed buffers in stream order). Without the attribute, or under
+// L3K_PDL=0 (the default until an H100 run shows the gain), pdl_wait() returns at once.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+// The next PDL launch may schedule its CTAs once every CTA of this grid has called this or exited.
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+inline bool pdl_enabled() { return env_switch_on("L3K_PDL"); }
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute when PDL is on.
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...), "cudaLaunchKernelEx");
+}
+}  // namespace l3k
 #endif

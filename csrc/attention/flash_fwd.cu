@@ -79,6 +79,8 @@ struct FwdParams {
 
 template <typename T, int D, class Tile>
 __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams p) {
+  pdl_wait();  // decode launches may be PDL launches (common.h); a no-op otherwise
+  pdl_launch_dependents();
   constexpr int BM = Tile::BM, BN = Tile::BN, MT = Tile::MT, DT = D / 8;
   constexpr bool WK = Tile::kWarpKeys;
   constexpr int NT = Tile::KW / 8;  // 8-key column tiles of S this warp computes
@@ -302,6 +304,8 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
 template <typename T, int D>
 __global__ void __launch_bounds__(128) combine_splits_kernel(const float* o_accum, const float* lse_accum, T* out,
                                                               int num_splits, int64_t rows) {
+  pdl_wait();  // a decode-step kernel: may be a PDL launch (common.h)
+  pdl_launch_dependents();
   constexpr int kPerLane = D / 32;  // 2 or 4 consecutive elements per lane
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -331,16 +335,16 @@ void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
   auto kernel = flash_fwd_kernel<T, D, Tile>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "flash_fwd: cudaFuncSetAttribute");
-  kernel<<<grid, kFwdThreads, smem, stream>>>(p);
+  if (p.decode) launch_pdl(kernel, grid, dim3(kFwdThreads), smem, stream, p);
+  else kernel<<<grid, kFwdThreads, smem, stream>>>(p);
   L3K_CHECK_LAUNCH("flash_fwd_kernel");
 }
 
 template <typename T, int D>
 void launch_combine(const FwdParams& p, int num_splits, cudaStream_t stream) {
   const int64_t blocks = (p.rows_total + 3) / 4;
-  combine_splits_kernel<T, D><<<dim3(unsigned(blocks)), 128, 0, stream>>>(p.o_accum, p.lse_accum,
-                                                                          static_cast<T*>(p.out), num_splits,
-                                                                          p.rows_total);
+  launch_pdl(combine_splits_kernel<T, D>, dim3(unsigned(blocks)), dim3(128), 0, stream, p.o_accum, p.lse_accum,
+             static_cast<T*>(p.out), num_splits, p.rows_total);
   L3K_CHECK_LAUNCH("combine_splits_kernel");
 }
 

@@ -44,6 +44,8 @@ struct RopeParams {
 
 template <typename T>
 __global__ void __launch_bounds__(kRopeThreads) rope_kv_cache_kernel(const RopeParams p) {
+  pdl_wait();  // a decode-step kernel: may be a PDL launch (common.h)
+  pdl_launch_dependents();
   const int64_t tok = blockIdx.x;
   const int64_t b = tok / p.S;
   const int64_t pos = p.positions[tok];
@@ -156,8 +158,8 @@ void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr
   p.d = d;
   p.L = L;
   const cudaStream_t s = as_stream(stream);
-  if (dt == DType::BF16) rope_kv_cache_kernel<__nv_bfloat16><<<unsigned(tokens), kRopeThreads, 0, s>>>(p);
-  else rope_kv_cache_kernel<__half><<<unsigned(tokens), kRopeThreads, 0, s>>>(p);
+  if (dt == DType::BF16) launch_pdl(rope_kv_cache_kernel<__nv_bfloat16>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, p);
+  else launch_pdl(rope_kv_cache_kernel<__half>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, p);
   L3K_CHECK_LAUNCH("rope_kv_cache_kernel");
 }
 

@@ -11,7 +11,8 @@
 // Layout as fp8_gemv.cu: a warp owns two weight rows and streams them in 16-byte chunks (8 elements), 8 warps a
 // CTA, 16-row blocks; at most as many CTAs as fit at once, each walking blocks after one prologue (the LM head has
 // 8016 blocks). Products accumulate in fp32 per lane, then a shuffle tree. `a` is rounded to the weight dtype
-// before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM.
+// before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM. With L3K_PDL=1 the kernel
+// is a programmatic dependent launch: its first weight loads may overlap the previous kernel's tail (common.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -175,6 +176,10 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
   };
   select_block(blockIdx.x);
   load_step(lane);  // in flight while the prologue runs: the weights do not depend on it
+  // Launched with PDL (L3K_PDL=1), this CTA may have started during the previous kernel's tail: the weight loads
+  // above read parameters only; x, residual, h_out and y wait for that kernel's completion here.
+  pdl_wait();
+  pdl_launch_dependents();
   prologue<T, M, P>(p, xs);
 
   for (int blk = blockIdx.x; blk < blocks; blk += gridDim.x) {  // the prologue is paid once per CTA
@@ -239,7 +244,7 @@ void launch(const Params& p, int num_sms, cudaStream_t stream) {
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), "occupancy query");
   const int blocks = (p.n + kRowsPerCta - 1) / kRowsPerCta;
   const dim3 grid(static_cast<unsigned>(std::min(blocks, num_sms * std::max(per_sm, 1))));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
   L3K_CHECK_LAUNCH("decode_gemv_kernel");
 }
 
