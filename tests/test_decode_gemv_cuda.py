@@ -167,8 +167,9 @@ def test_bad_arguments_name_it(change, arg, gen):
         kernel("decode_gemv")(**args)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_pdl_launches_change_nothing(monkeypatch, cuda_graph):
+def test_pdl_launches_change_nothing(monkeypatch, cuda_graph, batch):
     """L3K_PDL=1 launches the decode step's kernels (the GEMVs, rope_kv_cache, the decode attention and its split
     combine) as programmatic dependents, so each may start during the previous one's tail. They must wait for it
     before touching its data: the same tokens and bit-identical KV caches as ordinary launches, eager and replayed
@@ -180,12 +181,14 @@ def test_pdl_launches_change_nothing(monkeypatch, cuda_graph):
     torch.manual_seed(3)
     cfg = get_config("debug", n_layers=4)
     model = Transformer(cfg).to("cuda", torch.bfloat16)
-    prompts = [[int(t) for t in torch.randint(0, 256, (n,))] for n in (37, 5)]
+    prompts = [[int(t) for t in torch.randint(0, 256, (n,))] for n in (37, 5)[:batch]]
     runs = []
     for pdl in ("0", "1"):
         monkeypatch.setenv("L3K_PDL", pdl)
         g = Generator(model, cuda_graph=cuda_graph)
-        tokens = g.generate(prompts, max_new_tokens=24, stop_ids=[]).tokens
+        result = g.generate(prompts, max_new_tokens=24, stop_ids=[])
+        assert result.cuda_graph == cuda_graph  # a failed capture would decode eagerly with a warning
+        tokens = result.tokens
         caches = [t.clone() for layer in model.layers for t in (layer.attention.k_cache, layer.attention.v_cache)]
         runs.append((tokens, caches))
         g.release()

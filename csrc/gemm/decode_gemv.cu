@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
   select_block(blockIdx.x);
   load_step(lane);  // in flight while the prologue runs: the weights do not depend on it
   // Launched with PDL (L3K_PDL=1), this CTA may have started during the previous kernel's tail: the weight loads
-  // above read parameters only; x, residual, h_out and y wait for that kernel's completion here.
+  // above read parameters only, which no kernel of a decode step writes; x, residual, h_out and y wait for that
+  // kernel's completion here.
   pdl_wait();
   pdl_launch_dependents();
   prologue<T, M, P>(p, xs);

@@ -36,6 +36,16 @@ __device__ __forceinline__ int64_t row_label(const int64_t* targets, int64_t row
   return (t >= 0 && t < V) ? t : -2;
 }
 
+// A thread's vectors j0, j0 + kCeThreads, ... of a row (those below nvec), every load issued before any use.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_step(const T* x, int j0, int nvec, Vec<T, VEC> (&v)[kCeUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kCeUnroll; ++u) {
+    const int j = j0 + u * kCeThreads;
+    if (j < nvec) v[u] = load_vec<T, VEC>(x + int64_t(j) * VEC);
+  }
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kCeThreads) cross_entropy_fwd_kernel(const T* logits, int64_t row_stride,
                                                                         const int64_t* targets, float* loss,
@@ -48,11 +58,7 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_fwd_kernel(const T* 
     MaxSum acc{-INFINITY, 0.f};
     for (int j0 = threadIdx.x; j0 < nvec; j0 += kCeThreads * kCeUnroll) {
       Vec<T, VEC> v[kCeUnroll];
-#pragma unroll
-      for (int u = 0; u < kCeUnroll; ++u) {
-        const int j = j0 + u * kCeThreads;
-        if (j < nvec) v[u] = load_vec<T, VEC>(x + int64_t(j) * VEC);
-      }
+      load_step(x, j0, nvec, v);
 #pragma unroll
       for (int u = 0; u < kCeUnroll; ++u) {
         if (j0 + u * kCeThreads >= nvec) continue;
@@ -101,11 +107,7 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_bwd_kernel(const flo
     // ignored rows: 0; a bad label: NaN, as its loss
     const float g = label == -1 ? 0.f : label == -2 ? NAN : grad[row], row_lse = lse[row];
     Vec<T, VEC> v[kCeUnroll];
-#pragma unroll
-    for (int u = 0; u < kCeUnroll; ++u) {
-      const int j = j0 + u * kCeThreads;
-      if (j < nvec) v[u] = load_vec<T, VEC>(x + int64_t(j) * VEC);
-    }
+    load_step(x, j0, nvec, v);
 #pragma unroll
     for (int u = 0; u < kCeUnroll; ++u) {
       const int j = j0 + u * kCeThreads;
