@@ -296,7 +296,7 @@ phase sweep 60 "$PY" bench/sweep_gemm.py
 [[ -f $LOGS/sweep.log ]] && grep -E "M=|ratio" "$LOGS/sweep.log" | head -n 16 | sed 's/^/    /' | tee -a "$SUMMARY"
 # which kernel groups make the end-to-end gap (a train step and a decode step, ours vs plain PyTorch eager)
 phase trace 60 "$PY" bench/profile_step.py
-[[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 40 |
+[[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 60 |
   sed 's/^/    /' | tee -a "$SUMMARY"
 # shellcheck disable=SC2016  # expanded by the inner bash
 phase dev 180 bash -c '

@@ -3,8 +3,9 @@
     python3 bench/profile_step.py [--cpu] [--top 15]
 
 The bench's Llama 3.2-1B-shaped model (bench_model.py: same weights in both), one training step at 2 x 4096
-tokens (forward, fp32 cross-entropy, backward, no optimizer) and one batch-1 decode step with 4096 cached tokens,
-each after two warm-up steps, under torch.profiler. Prints the total CUDA time per kernel group (GEMM, attention,
+tokens (forward, cross-entropy, backward, no optimizer: the bench's own step functions) and one batch-1 decode step
+with 4096 cached tokens, each after two warm-up steps, under torch.profiler. The training step also runs with the
+opt-in Hopper attention kernels (unless bench/device_check.sh's gate kept them out). Prints the total CUDA time per kernel group (GEMM, attention,
 norm, SwiGLU, cross-entropy, elementwise/other) and the top kernels. Eager only: the end-to-end rows of the bench
 give the times; this says which kernels make the gap. `--cpu` runs the debug model on the CPU to check the
 plumbing (CPU ops, not kernels).
@@ -13,17 +14,18 @@ plumbing (CPU ops, not kernels).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
 from llama3_kernels.bench import bench_model
+from llama3_kernels.bench.bench_attention import SM90_ENV
 from llama3_kernels.bench.harness import Context
 
 GROUPS = [  # first match wins; patterns on lower-cased kernel names
-    ("attention", r"flash|fmha|attn|sdpa|cudnn.*(mha|attention)|decode_attn"),
+    ("attention", r"flash|fmha|attn|sdpa|cudnn.*(mha|attention)|decode_attn|dkdv|dq_|dsum|dot_do_o"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|fp8_rowwise|gemv|matmul|aten::(mm|bmm|addmm)$"),
     ("norm", r"rms_norm|layer_norm|rmsnorm|dw_reduce"),
     ("swiglu", r"swiglu|silu"),
@@ -88,15 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float32 if ctx.cpu else torch.bfloat16
     torch.manual_seed(0)
     inputs = bench_model._train_inputs(ctx, cfg, b, s, dtype)()
-    for key in ("ours", "plain"):
-        model, params = inputs[key], [p for p in inputs[key].parameters() if p.requires_grad]
-
-        def step(model=model, params=params, x=inputs["x"], y=inputs["y"]):
-            logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            return torch.autograd.grad(loss, params)
-
-        report(f"train step {key} ({cfg.name}, {b}x{s}, {str(dtype)[6:]})", profile(step, ctx.device), args.top)
+    variants = [("ours", "ours", None), ("plain", "plain", None)]
+    if not ctx.cpu and not os.environ.get("L3K_SM90_GATE"):
+        variants.insert(1, ("ours + sm90 attention", "ours", SM90_ENV))
+    for title, key, env in variants:
+        step = bench_model._train_step(key, False, env)(inputs)
+        report(f"train step {title} ({cfg.name}, {b}x{s}, {str(dtype)[6:]})", profile(step, ctx.device), args.top)
     del inputs
     cached = 64 if ctx.cpu else bench_model.CACHED
     dec = bench_model._decode_inputs(ctx, cfg, cached, cached + 64, dtype)()
