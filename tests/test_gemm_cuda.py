@@ -142,7 +142,16 @@ def test_prefill_scheduler_knobs(swizzle, raster, gen, monkeypatch):
     _check(2048 + 7, 4096 + 16, 4096, torch.bfloat16, True, gen)
 
 
-@pytest.mark.parametrize("name,value", [("L3K_GEMM_SWIZZLE", "3"), ("L3K_GEMM_RASTER", "diagonal")])
+def test_prefill_pingpong_tiles(gen, monkeypatch):
+    """L3K_GEMM_PREFILL_TILE=pingpong (a sweep setting) runs large M on the 64 x 128 ping-pong tiles: same values."""
+    monkeypatch.setenv("L3K_GEMM_PREFILL_TILE", "pingpong")
+    assert kernel("fp8_rowwise_mm_config")(8192, 4096, 4096).startswith("mid_")
+    _check(2048 + 7, 4096 + 16, 4096, torch.bfloat16, True, gen)
+
+
+@pytest.mark.parametrize(
+    "name,value", [("L3K_GEMM_SWIZZLE", "3"), ("L3K_GEMM_RASTER", "diagonal"), ("L3K_GEMM_PREFILL_TILE", "wide")]
+)
 def test_bad_scheduler_knob_names_it(name, value, gen, monkeypatch):
     monkeypatch.setenv(name, value)
     xq, x_scale, wq, w_scale, bias = _problem(300, 256, 256, False, gen)

@@ -81,12 +81,20 @@ using Prefill  = TileConfig<128, L3K_FP8_FAST_ACCUM ? 256 : 128, 2, true>;  // l
 
 enum class Config { kGemv, kDecode16, kDecode64, kMid, kPrefill };
 
-// Chosen by M only for now: N and K change the tile count (waves), which the bench should refine.
+// Chosen by M only for now: N and K change the tile count (waves), which the bench should refine. For sweeps
+// (bench/sweep_gemm.py), L3K_GEMM_PREFILL_TILE=pingpong runs M > 256 on the 64 x 128 ping-pong tiles instead of the
+// 128 x 128 cooperative ones ("cooperative", or unset: the default), read at every call.
 Config pick_config(std::int64_t m, std::int64_t /*n*/, std::int64_t /*k*/) {
   if (m <= kGemvMaxM) return Config::kGemv;  // fp8_gemv.cu: every SM streams weight rows, even for N = 2048
   if (m <= 16) return Config::kDecode16;
   if (m <= 64) return Config::kDecode64;
   if (m <= 256) return Config::kMid;
+  if (const char* v = std::getenv("L3K_GEMM_PREFILL_TILE")) {
+    const std::string tile(v);
+    require(tile == "pingpong" || tile == "cooperative", "L3K_GEMM_PREFILL_TILE",
+            "expected pingpong or cooperative, got '" + tile + "'");
+    if (tile == "pingpong") return Config::kMid;
+  }
   return Config::kPrefill;
 }
 
