@@ -16,7 +16,8 @@
 #      A start took ~40 s there; the whole run with the build skipped ~230 s then (more phases since: expect
 #      ~400-500 s), leaving room for a second call after a fix (give_back in between: idle time counts). The
 #      sm90gate phase runs the never-run Hopper attention kernels standalone first, then (sm90tests) their GPU
-#      tests in a process of their own; gemvgate does the same for the decode GEMV. A kernel that fails is kept
+#      tests in a process of their own; gemvgate, cegate and ropegate do the same for the decode GEMV,
+#      cross_entropy and rope (default paths, never run when written). A kernel that fails is kept
 #      out of the rest of the run (tests, sanitizer, bench), so a pipeline hang or a fault cannot take it down.
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
 #        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
@@ -38,7 +39,7 @@
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
-# Knobs: L3K_CHECK_BUDGET_S; L3K_BENCH_OPS (the bench's families, in run order); L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,gemvgate,tests,sanitize,profile,sweep,trace,dev,bench);
+# Knobs: L3K_CHECK_BUDGET_S; L3K_BENCH_OPS (the bench's families, in run order); L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,gemvgate,cegate,ropegate,tests,sanitize,profile,sweep,trace,dev,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
 # (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
 # a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
@@ -212,18 +213,22 @@ fi
 export L3K_SM90_GATE
 say "sm90 kernels kept out of this run: ${L3K_SM90_GATE:-none}"
 
-# The decode GEMV (csrc/gemm/decode_gemv.cu) runs by default in a fused model's decode step and had never run
-# either: its own tests go first, in their own process; if they fail, L3K_DECODE_GEMV=0 keeps the rest of the run
-# on the unfused ops (a fault would poison the test process's CUDA context) and the main tests skip that file.
-phase gemvgate 90 "$PY" -m pytest -q -x -p no:cacheprovider -rf tests/test_decode_gemv_cuda.py
+# Kernels that run by default but had never run on a GPU when this was written: the decode GEMV (a fused model's
+# decode step), cross_entropy and rope (the training step). Each one's tests go first, in a process of their own;
+# if they fail, its switch keeps the rest of the run on the unfused ops or the reference (a fault would poison the
+# test process's CUDA context), and the main tests skip that file.
 TEST_IGNORE=()
-if ! skipped gemvgate; then
-  TEST_IGNORE=(--ignore=tests/test_decode_gemv_cuda.py)  # they ran in the gate; gemvgate.log has them
-  if ! grep -qE "^[0-9]+ passed" "$LOGS/gemvgate.log" 2>/dev/null; then
-    export L3K_DECODE_GEMV=0
-    say "decode GEMV kept out of this run (L3K_DECODE_GEMV=0): see gemvgate.log"
+for gate in gemvgate:tests/test_decode_gemv_cuda.py:L3K_DECODE_GEMV cegate:tests/test_loss_cuda.py:L3K_CROSS_ENTROPY \
+  ropegate:tests/test_rope_cuda.py:L3K_ROPE; do
+  IFS=: read -r name file switch <<<"$gate"
+  phase "$name" 90 "$PY" -m pytest -q -x -p no:cacheprovider -rf "$file"
+  skipped "$name" && continue
+  TEST_IGNORE+=(--ignore="$file")  # they ran in the gate; $name.log has them
+  if ! grep -qE "^[0-9]+ passed" "$LOGS/$name.log" 2>/dev/null; then
+    export "$switch=0"
+    say "$file failed: its kernel kept out of this run ($switch=0), see $name.log"
   fi
-fi
+done
 
 # tests and the sanitizer only check correctness, so they share the GPU; the benches run alone afterwards
 TEST_ARGS=(-m cuda tests -v -rfEsP -p no:cacheprovider --continue-on-collection-errors)  # P: what passing tests print (measured ratios)

@@ -73,6 +73,20 @@ def test_op_on_fused_qkv_heads_and_its_gradient(gen, dtype):
     assert torch.all(grad[:, :, hq + hkv :] == 0)
 
 
+@cuda
+def test_switched_off_runs_the_reference(gen, monkeypatch):
+    """L3K_ROPE=0 (what bench/device_check.sh sets when these tests fail in its gate): no kernel, the same values."""
+    need_kernel()
+    monkeypatch.setenv("L3K_ROPE", "0")
+    x = torch.randn(37, 8, 64, generator=gen).to(CUDA, torch.bfloat16)
+    rot = rotation(gen, 37, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = l3k.rope(x, rot)
+        torch.cuda.synchronize()
+    assert not any("rope_rotate" in e.key for e in prof.key_averages())
+    assert torch.equal(y, reference.rope_rotate(x, rot, False))
+
+
 # ------------------------------------------------------------------ launcher argument checks (no GPU)
 _F = 16 * 1024  # a fake, aligned, nonzero address: validation rejects the call before any launch
 

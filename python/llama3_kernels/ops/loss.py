@@ -3,10 +3,13 @@
 `F.cross_entropy(logits.float(), ...)`, what a Llama training step usually runs, writes an fp32 copy of the
 [tokens, 128256] logits and keeps fp32 log-probabilities for the backward: about 40 GB of traffic a step for 8192
 tokens. The kernels read the 16-bit logits once forward (the row's lse and loss) and once backward (writing
-dlogits), and save only the logits and an fp32 lse per row.
+dlogits), and save only the logits and an fp32 lse per row. L3K_CROSS_ENTROPY=0 turns them off (the reference runs),
+e.g. while they are checked on a new device.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -30,8 +33,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _targets_ok(targets: Tensor) -> bool:
-    """What the kernels read: packed int64 targets (anything else takes the reference)."""
-    return targets.dtype == torch.int64 and targets.is_contiguous()
+    """What the kernels read: packed int64 targets (anything else takes the reference); and the kernels on."""
+    return targets.dtype == torch.int64 and targets.is_contiguous() and os.environ.get("L3K_CROSS_ENTROPY") != "0"
 
 
 @torch.library.custom_op("llama3_kernels::cross_entropy_fwd", mutates_args=())

@@ -2,11 +2,14 @@
 
 Written with torch ops, a rotation casts to fp32, multiplies as complex numbers and casts back: three kernels and
 fp32 copies each way. `rope` reads and writes each 16-bit element once, forward and backward (the gradient of a
-rotation is the inverse rotation). The model's decode step would otherwise run five kernels per layer (those three
-and an index_put for each cache); `rope_kv_cache` does it in one pass over the token's qkv row.
+rotation is the inverse rotation); L3K_ROPE=0 turns its kernel off (the reference runs), e.g. while it is checked
+on a new device. The model's decode step would otherwise run five kernels per layer (those three and an index_put
+for each cache); `rope_kv_cache` does it in one pass over the token's qkv row.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -41,7 +44,8 @@ def rope_rotate_op(x: Tensor, rot_pairs: Tensor, inverse: bool) -> Tensor:
 def _rope_rotate_cuda(x, rot_pairs, inverse):
     t, h, d = x.shape
     launchable = (
-        x.dtype in HALF_DTYPES
+        os.environ.get("L3K_ROPE") != "0"
+        and x.dtype in HALF_DTYPES
         and d % 8 == 0
         and d <= 512
         and x.stride(2) == 1
