@@ -263,8 +263,10 @@ def _ours_decode(graph: bool, fp8: bool = False, env: dict[str, str] | None = No
     return make
 
 
-def _gemv_gate_skip() -> str | None:
-    """bench/device_check.sh sets L3K_DECODE_GEMV=0 when the decode GEMV's tests (PDL's among them) fail."""
+def _pdl_gate_skip() -> str | None:
+    """bench/device_check.sh sets L3K_PDL_OK=0 (PDL's tests) or L3K_DECODE_GEMV=0 (the GEMV's) when they fail."""
+    if os.environ.get("L3K_PDL_OK") == "0":
+        return "PDL failed its gate in this run"
     return "the decode GEMV failed its gate in this run" if os.environ.get("L3K_DECODE_GEMV") == "0" else None
 
 
@@ -323,7 +325,7 @@ def cases(ctx: Context) -> list[Case]:
             f"{OURS} (CUDA graph, PDL, opt-in)",
             _ours_decode(True, env={"L3K_PDL": "1"}),
             ours=True,
-            skip=skip or ctx.needs_cuda() or _gemv_gate_skip(),
+            skip=skip or ctx.needs_cuda() or _pdl_gate_skip(),
         ),
         Impl(f"{OURS} eager", _ours_decode(False), ours=True, skip=skip),
         Impl(

@@ -39,7 +39,7 @@
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
-# Knobs: L3K_CHECK_BUDGET_S; L3K_BENCH_OPS (the bench's families, in run order); L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,gemvgate,cegate,ropegate,tests,sanitize,profile,sweep,trace,dev,bench);
+# Knobs: L3K_CHECK_BUDGET_S; L3K_BENCH_OPS (the bench's families, in run order); L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,gemvgate,cegate,ropegate,pdlgate,tests,sanitize,profile,sweep,trace,dev,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
 # (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
 # a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
@@ -218,8 +218,9 @@ say "sm90 kernels kept out of this run: ${L3K_SM90_GATE:-none}"
 # if they fail, its switch keeps the rest of the run on the unfused ops or the reference (a fault would poison the
 # test process's CUDA context), and the main tests skip that file.
 TEST_IGNORE=()
+# PDL is opt-in, but the bench times it: its gate's switch L3K_PDL_OK=0 drops that column.
 for gate in gemvgate:tests/test_decode_gemv_cuda.py:L3K_DECODE_GEMV cegate:tests/test_loss_cuda.py:L3K_CROSS_ENTROPY \
-  ropegate:tests/test_rope_cuda.py:L3K_ROPE; do
+  ropegate:tests/test_rope_cuda.py:L3K_ROPE pdlgate:tests/test_pdl_cuda.py:L3K_PDL_OK; do
   IFS=: read -r name file switch <<<"$gate"
   phase "$name" 90 "$PY" -m pytest -q -x -p no:cacheprovider -rf "$file"
   skipped "$name" && continue
@@ -304,12 +305,12 @@ phase trace 60 "$PY" bench/profile_step.py
 [[ -f $LOGS/trace.log ]] && grep -E "^== |^  [a-z]" "$LOGS/trace.log" | grep -v "top " | head -n 60 |
   sed 's/^/    /' | tee -a "$SUMMARY"
 # shellcheck disable=SC2016  # expanded by the inner bash
-phase dev 180 bash -c '
+phase dev 200 bash -c '
   cd dev/attention || exit 1
   st=0
   # the named barriers of the ping-pong, on tiny shapes first (both head dims)
   [[ -x v2_wgmma_fwd ]] || make v2_wgmma_fwd CUTLASS=/tmp/site/cutlass_library/source
-  timeout 30 compute-sanitizer --tool synccheck --error-exitcode 1 ./v2_wgmma_fwd --check-only --max-seqlen 129
+  timeout 45 compute-sanitizer --tool synccheck --error-exitcode 1 ./v2_wgmma_fwd --check-only --max-seqlen 129
   rc=$?; echo "== v2 synccheck rc=$rc"; ((rc == 0)) || st=1
   # each program checks every shape (the short ones first, a hang ends at its 20 s deadline), then times, head dim
   # 128 then 64 (v1, the baseline rung, at 128 only); v2 and v3 already passed their short checks in sm90gate

@@ -24,13 +24,13 @@ from llama3_kernels.bench import bench_model
 from llama3_kernels.bench.bench_attention import SM90_ENV
 from llama3_kernels.bench.harness import Context
 
-GROUPS = [  # first match wins; patterns on lower-cased kernel names
+GROUPS = [  # first match wins; patterns on lower-cased kernel names (rope kernels live in l3k::attn: before "attn")
+    ("rope", r"rope"),
     ("attention", r"flash|fmha|attn|sdpa|cudnn.*(mha|attention)|decode_attn|dkdv|dq_|dsum|dot_do_o"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|fp8_rowwise|gemv|matmul|aten::(mm|bmm|addmm)$"),
     ("norm", r"rms_norm|layer_norm|rmsnorm|dw_reduce"),
     ("swiglu", r"swiglu|silu"),
     ("cross-entropy", r"log_softmax|softmax|nll|cross_entropy"),
-    ("rope", r"rope"),
     ("embedding", r"embedding|index_select|indexing_backward|scatter|gather"),
 ]
 

@@ -27,6 +27,14 @@ LAUNCHERS = ("cross_entropy_fwd", "cross_entropy_bwd")
 SHAPES = [(1, 128256), (37, 49152), (199, 259), (4097, 1003), (5, 4100), (64, 128256)]
 
 
+def _ran_kernels(fn) -> set[str]:
+    """Which of this file's kernels fn launched (the op may fall back to the reference without saying so)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {name for name in LAUNCHERS for e in prof.key_averages() if name in e.key}
+
+
 def need_kernels() -> None:
     for name in LAUNCHERS:
         assert _common.has_kernel(name), f"llama3_kernels._C was built without {name}: the test would test nothing"
@@ -120,6 +128,8 @@ def test_public_op_matches_torch(gen, reduction):
     x, t = inputs(gen, 2 * 300, 128256, torch.bfloat16)
     x = x.view(2, 300, -1).requires_grad_()
     t = t.view(2, 300)
+    assert _ran_kernels(lambda: l3k.cross_entropy(x, t, reduction=reduction).sum().backward()) == set(LAUNCHERS)
+    x.grad = None
     got = l3k.cross_entropy(x, t, reduction=reduction)
     xf = x.detach().float().requires_grad_()
     want = F.cross_entropy(xf.flatten(0, 1), t.flatten(), reduction=reduction)

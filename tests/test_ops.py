@@ -774,6 +774,7 @@ def test_cross_entropy_opcheck(gen):
     "call,exc,name",
     [
         (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.ones(4)), TypeError, "targets"),
+        (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.ones(4, dtype=torch.bool)), TypeError, "targets"),
         (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.zeros(5, dtype=torch.long)), ValueError, "targets"),
         (lambda: l3k.cross_entropy(torch.ones(4, 7), torch.tensor([0, 1, 7, 2])), ValueError, "targets"),
         (
@@ -818,11 +819,15 @@ def test_rope_matches_real_arithmetic(gen, dtype, rot_shape):
 
 
 def test_rope_takes_strided_heads_views(gen):
-    """The fused projection's q and k heads: a view with token stride (Hq + 2 Hkv) D, rotated without a copy."""
+    """The fused projection's q and k heads: a view with token stride (Hq + 2 Hkv) D, against fp64 real arithmetic."""
     qkv = randn(gen, 2, 5, 4 + 2 * 2, 8)
-    rot = torch.polar(torch.ones(5, 4), randn(gen, 5, 4))
+    angles = randn(gen, 5, 4, dtype=torch.float64)
+    rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
     view = qkv[:, :, :6]
-    assert torch.equal(l3k.rope(view, rot), l3k.rope(view.contiguous(), rot))
+    pairs = view.double().unflatten(-1, (4, 2))
+    c, sn = angles.cos()[:, None], angles.sin()[:, None]  # [5, 1, 4] against [2, 5, 6, 4]
+    want = torch.stack([pairs[..., 0] * c - pairs[..., 1] * sn, pairs[..., 0] * sn + pairs[..., 1] * c], -1)
+    assert_close(l3k.rope(view, rot), want.flatten(-2), atol=1e-6, rtol=1e-5)
 
 
 def test_rope_opcheck(gen):

@@ -118,12 +118,17 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
     Returns:
         fp32: a scalar, or [...] for "none". Differentiable with respect to logits (the gradient has their dtype).
         A target outside [0, V) that is not `ignore_index` gives NaN at its position (and in a reduction); on CPU
-        tensors it raises instead (a check on GPU tensors would wait for the device).
+        tensors in eager mode it raises instead (a check on GPU tensors would wait for the device).
     Raises:
         TypeError / ValueError naming the offending argument.
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, min_ndim=1)
-    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex:
+    if (
+        not isinstance(targets, Tensor)
+        or targets.dtype == torch.bool
+        or targets.dtype.is_floating_point
+        or targets.dtype.is_complex
+    ):
         raise TypeError(f"targets: expected an integer torch.Tensor, got {getattr(targets, 'dtype', type(targets))}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits without the class dim), "

@@ -1,0 +1,51 @@
+"""Programmatic dependent launch of the decode step's kernels (L3K_PDL=1, csrc/common.h), on an H100.
+
+Its own file, so bench/device_check.sh gates it on its own (pdlgate): a PDL-only failure (graph capture with the
+launch attribute, say) must not turn off the decode GEMV, which runs by default.
+"""
+
+import pytest
+import torch
+
+from llama3_kernels.ops._common import has_kernel
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _need() -> None:
+    for name in ("decode_gemv", "rope_kv_cache", "decode_attn"):
+        if not has_kernel(name):
+            pytest.skip(f"_C.{name} was not built")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_pdl_launches_change_nothing(monkeypatch, cuda_graph, batch):
+    """L3K_PDL=1 launches the decode step's kernels (the GEMVs, rope_kv_cache, the decode attention and its split
+    combine) as programmatic dependents, so each may start during the previous one's tail. They must wait for it
+    before touching its data: the same tokens and bit-identical KV caches as ordinary launches, eager and replayed
+    from a CUDA graph (a read before the wait would see a previous layer's or step's values)."""
+    _need()
+    from llama3_kernels.generate import Generator
+    from llama3_kernels.model import Transformer, get_config
+
+    torch.manual_seed(3)
+    cfg = get_config("debug", n_layers=4)
+    model = Transformer(cfg).to("cuda", torch.bfloat16)
+    prompts = [[int(t) for t in torch.randint(0, 256, (n,))] for n in (37, 5)[:batch]]
+    runs = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("L3K_PDL", pdl)
+        g = Generator(model, cuda_graph=cuda_graph)
+        result = g.generate(prompts, max_new_tokens=24, stop_ids=[])
+        assert result.cuda_graph == cuda_graph  # a failed capture would decode eagerly with a warning
+        tokens = result.tokens
+        caches = [t.clone() for layer in model.layers for t in (layer.attention.k_cache, layer.attention.v_cache)]
+        runs.append((tokens, caches))
+        g.release()
+    (tokens0, caches0), (tokens1, caches1) = runs
+    assert tokens0 == tokens1
+    assert all(torch.equal(a, b) for a, b in zip(caches0, caches1))
