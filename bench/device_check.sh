@@ -294,8 +294,9 @@ fi
 # attention ladder (dev/attention: wgmma + TMA forward, not in the extension; its own check and timing).
 NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats
   --section LaunchStats)
-phase profile 60 ncu --clock-control none --target-processes all --launch-count 5 \
-  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel|dkdv_kernel|dq_kernel' "${NCU_SECTIONS[@]}" \
+phase profile 60 ncu --clock-control none --target-processes all --launch-count 8 \
+  --kernel-name regex:'rms_norm_(fwd|bwd)_kernel|flash_fwd_kernel|dkdv_kernel|dq_kernel|flash_fwd_sm90|dq_sm90|dkdv_sm90' \
+  "${NCU_SECTIONS[@]}" \
   "$PY" bench/profile_cases.py
 # the FP8 GEMM's prefill tile order (swizzle x raster) against cuBLASLt on the shapes where it trails
 phase sweep 60 "$PY" bench/sweep_gemm.py
