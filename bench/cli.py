@@ -30,6 +30,7 @@ FAMILIES = {
     "norm": "llama3_kernels.bench.bench_norm",
     "swiglu": "llama3_kernels.bench.bench_swiglu",
     "loss": "llama3_kernels.bench.bench_loss",
+    "rope": "llama3_kernels.bench.bench_rope",
     "fp8": "llama3_kernels.bench.bench_fp8",
     "gemm": "llama3_kernels.bench.bench_gemm",
     "attention": "llama3_kernels.bench.bench_attention",

@@ -272,7 +272,7 @@ fi
 read -r -a BENCH_EXTRA <<<"${L3K_BENCH_ARGS:-}"
 # The issues' end-to-end targets (train MFU, decode tokens/s) first, then the kernels by how far they trail: rows
 # past the budget are skipped, and the whole bench no longer fits in the ~150 s it gets after the tests.
-BENCH_OPS=${L3K_BENCH_OPS:-ceiling,model,attention,gemm,loss,norm,swiglu,decode,fp8}
+BENCH_OPS=${L3K_BENCH_OPS:-ceiling,model,attention,gemm,loss,rope,norm,swiglu,decode,fp8}
 phase bench $((BENCH_S + 50)) "$PY" -m llama3_kernels.cli bench --budget-s "$BENCH_S" --impl-timeout-s 90 \
   --ops "$BENCH_OPS" --no-progress --json "$OUT_DIR/$STEM.json" --markdown "$OUT_DIR/$STEM.md" --plot "$PLOTS" "${BENCH_EXTRA[@]}"
 if [[ -f $OUT_DIR/$STEM.json ]]; then

@@ -234,12 +234,11 @@ def decode_attention(
 
 def rope_rotate(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x [..., H, D] with its interleaved pairs (x[2i], x[2i+1]) rotated by rot [..., D/2] complex64 (cos + i sin),
-    or by its conjugate (the inverse rotation): (x0 c - x1 s, x0 s + x1 c) in fp32; x's dtype out, contiguous."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = rot.real.unsqueeze(-2), rot.imag.unsqueeze(-2)  # [..., 1, D/2] against [..., H, D/2]
-    s = -s if inverse else s
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype).contiguous()
+    or by its conjugate (the inverse rotation), as fp32 complex products; x's dtype out, contiguous."""
+    if inverse:  # an explicit conjugate: rot.conj() is a lazy view that AOT tracing mishandles
+        rot = torch.complex(rot.real, -rot.imag)
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [..., H, D/2]
+    return torch.view_as_real(pairs * rot.unsqueeze(-2)).flatten(-2).to(x.dtype).contiguous()
 
 
 def rope_kv_cache(
