@@ -10,12 +10,11 @@ its weight 2·K, SwiGLU 4·K); the weight dominates.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from llama3_kernels import ops, reference
 from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl
+from llama3_kernels.ops._common import switched_off
 
 FAMILY = "gemm"
 
@@ -119,7 +118,7 @@ def decode_cases(ctx: Context) -> list[Case]:
     out = []
     for name, n, k, prologue in shapes:
         extra = {"rms_norm": 6 * k, "swiglu": 4 * k, "none": 2 * k}[prologue]
-        off = "decode GEMV off in this run (L3K_DECODE_GEMV=0)" if os.environ.get("L3K_DECODE_GEMV") == "0" else None
+        off = "decode GEMV off in this run (L3K_DECODE_GEMV=0)" if switched_off("L3K_DECODE_GEMV") else None
         impls = [
             Impl(OURS, _decode_ours(prologue), ours=True, skip=off),
             Impl("llama3_kernels ops + F.linear (unfused)", _decode_unfused(prologue, False)),

@@ -13,13 +13,12 @@ Minimum bytes, e = 2 bytes per logit, logits [M, V]:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from llama3_kernels import ops
 from llama3_kernels.bench.harness import OURS, Case, Context, Impl, compiled, grads
+from llama3_kernels.ops._common import switched_off
 
 FAMILY = "loss"
 
@@ -47,11 +46,7 @@ def _make(fn_factory, mode: str):
 
 def cases(ctx: Context) -> list[Case]:
     (m, v), e = ctx.pick([(8192, 128256)], cpu=[(64, 1003)])[0], 2
-    off = (
-        "cross_entropy kernels off in this run (L3K_CROSS_ENTROPY=0)"
-        if os.environ.get("L3K_CROSS_ENTROPY") == "0"
-        else None
-    )
+    off = "cross_entropy kernels off in this run (L3K_CROSS_ENTROPY=0)" if switched_off("L3K_CROSS_ENTROPY") else None
     fns = {  # name → (factory of f(logits, targets) → scalar loss, skip reason)
         OURS: (lambda: ops.cross_entropy, off),
         "F.cross_entropy(logits.float()) eager": (lambda: _fp32_ce, None),

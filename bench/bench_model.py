@@ -15,7 +15,6 @@ mode="reduce-overhead" (CUDA graphs too).
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from torch import nn
 from llama3_kernels import ops
 from llama3_kernels.bench.bench_attention import sm90_skip
 from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled, env_set
+from llama3_kernels.ops._common import switched_off
 
 FAMILY = "model"
 CACHED = 4096  # tokens already in the KV cache when the timed decode step runs
@@ -265,9 +265,9 @@ def _ours_decode(graph: bool, fp8: bool = False, env: dict[str, str] | None = No
 
 def _pdl_gate_skip() -> str | None:
     """bench/device_check.sh sets L3K_PDL_OK=0 (PDL's tests) or L3K_DECODE_GEMV=0 (the GEMV's) when they fail."""
-    if os.environ.get("L3K_PDL_OK") == "0":
+    if switched_off("L3K_PDL_OK"):
         return "PDL failed its gate in this run"
-    return "the decode GEMV failed its gate in this run" if os.environ.get("L3K_DECODE_GEMV") == "0" else None
+    return "the decode GEMV failed its gate in this run" if switched_off("L3K_DECODE_GEMV") else None
 
 
 def _plain_decode(compile_it: bool):

@@ -12,12 +12,10 @@ softmax, or occupancy); and, unless the device check's gate kept them out, the o
 the Llama 3.2-1B training step's attention (D = 64), where issue 5's MFU is decided.
 """
 
-import os
-
 import torch
 
 import llama3_kernels as l3k
-from llama3_kernels.bench.bench_attention import SM90_ENV
+from llama3_kernels.bench.bench_attention import SM90_ENV, sm90_skip
 from llama3_kernels.bench.harness import env_set
 
 
@@ -39,8 +37,8 @@ def main() -> None:
     out.backward(torch.randn_like(out))  # dot_do_o_kernel, dkdv_kernel, dq_kernel
     torch.cuda.synchronize()
     print("profile_cases: ran rms_norm fwd/bwd 16384x4096 and causal attention fwd/bwd B=1 S=4096 H=32/8 D=128")
-    if os.environ.get("L3K_SM90_GATE"):  # bench/device_check.sh: a Hopper kernel failed its standalone check
-        print(f"profile_cases: sm90 attention skipped, L3K_SM90_GATE={os.environ['L3K_SM90_GATE']}")
+    if reason := sm90_skip(None):  # bench/device_check.sh: a Hopper kernel failed its standalone check
+        print(f"profile_cases: sm90 attention skipped, {reason}")
         return
     # the opt-in Hopper kernels on the Llama 3.2-1B training step's attention (D = 64)
     q, k, v = (torch.randn(2, 4096, h, 64, device=dev, dtype=bf16, requires_grad=True) for h in (32, 8, 8))

@@ -14,14 +14,13 @@ plumbing (CPU ops, not kernels).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections import defaultdict
 
 import torch
 
 from llama3_kernels.bench import bench_model
-from llama3_kernels.bench.bench_attention import SM90_ENV
+from llama3_kernels.bench.bench_attention import SM90_ENV, sm90_skip
 from llama3_kernels.bench.harness import Context
 
 GROUPS = [  # first match wins; patterns on lower-cased kernel names (rope kernels live in l3k::attn: before "attn")
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     inputs = bench_model._train_inputs(ctx, cfg, b, s, dtype)()
     variants = [("ours", "ours", None), ("plain", "plain", None)]
-    if not ctx.cpu and not os.environ.get("L3K_SM90_GATE"):
+    if not ctx.cpu and sm90_skip(None) is None:
         variants.insert(1, ("ours + sm90 attention", "ours", SM90_ENV))
     for title, key, env in variants:
         step = bench_model._train_step(key, False, env)(inputs)

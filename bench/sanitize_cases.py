@@ -90,12 +90,13 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
             ops.swiglu_linear(r(m, 2 * 760), w)
 
     def attention_sm90():
-        if os.environ.get("L3K_SM90_GATE"):  # bench/device_check.sh: a kernel failed its standalone check
-            print(f"flash_attention sm90: skipped, L3K_SM90_GATE={os.environ['L3K_SM90_GATE']}")
-            return
+        from llama3_kernels.bench.bench_attention import SM90_ENV, sm90_skip
         from llama3_kernels.bench.harness import env_set
 
-        with env_set({"L3K_FLASH_FWD_SM90": "1", "L3K_FLASH_BWD_SM90": "1"}):  # the opt-in TMA + wgmma kernels
+        if reason := sm90_skip(None):  # bench/device_check.sh: a kernel failed its standalone check
+            print(f"flash_attention sm90: skipped, {reason}")
+            return
+        with env_set(SM90_ENV):  # the opt-in TMA + wgmma kernels
             for d in (128, 64):
                 q, k, v = r(2, 77, 8, d, grad=True), r(2, 77, 2, d, grad=True), r(2, 77, 2, d, grad=True)
                 out = ops.flash_attention(q, k, v, causal=True)
@@ -167,7 +168,7 @@ def run_cases(names: list[str]) -> int:
     if not torch.cuda.is_available():
         print("sanitize_cases: no CUDA GPU")
         return 2
-    from llama3_kernels.ops._common import has_kernel
+    from llama3_kernels.ops._common import has_kernel, switched_off
 
     dev = torch.device("cuda")
     cases = _cases(dev)
@@ -183,7 +184,7 @@ def run_cases(names: list[str]) -> int:
             print(f"sanitize_cases: {name}: SKIPPED (not built: {', '.join(missing)})")
             continue
         switch = OFF_SWITCHES.get(name)
-        if switch and os.environ.get(switch) == "0":  # a device-check gate turned the kernel off: the reference runs
+        if switch and switched_off(switch):  # a device-check gate turned the kernel off: the reference runs
             print(f"sanitize_cases: {name}: SKIPPED (switched off: {switch}=0)")
             continue
         try:

@@ -7,6 +7,7 @@ current CUDA stream. `kernel(name)` returns the launcher when it was compiled in
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -84,6 +85,13 @@ def rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
 def is_sm90(device_index: int) -> bool:
     """The kernels are compiled for sm_90a only: any other card runs the references."""
     return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def switched_off(switch: str) -> bool:
+    """A default kernel turned off by its switch set to "0" (L3K_DECODE_GEMV, L3K_CROSS_ENTROPY, L3K_ROPE), e.g. by
+    bench/device_check.sh when its tests fail on a new device: the op then runs its reference or unfused path.
+    Read at every call, so tests and benches can flip it."""
+    return os.environ.get(switch) == "0"
 
 
 def use_cuda_kernel(name: str, *tensors: torch.Tensor, align: int = 16) -> bool:

@@ -12,8 +12,6 @@ the kernel off (the unfused ops everywhere), e.g. while it is checked on a new d
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,6 +28,7 @@ from llama3_kernels.ops._common import (
     rows_view,
     sm_count,
     stream,
+    switched_off,
     use_cuda_kernel,
 )
 from llama3_kernels.ops.norm import rms_norm
@@ -88,7 +87,7 @@ def decode_gemv(
 def _kernel_applies(x, w, residual, norm_weight, prologue) -> bool:
     (m, width), (n, k) = x.shape, w.shape
     return (
-        os.environ.get("L3K_DECODE_GEMV", "1") != "0"
+        not switched_off("L3K_DECODE_GEMV")
         and 1 <= m <= MAX_ROWS
         and n >= 1
         and k >= 8

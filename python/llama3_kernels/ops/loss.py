@@ -9,8 +9,6 @@ e.g. while they are checked on a new device.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -26,6 +24,7 @@ from llama3_kernels.ops._common import (
     rows_view,
     sm_count,
     stream,
+    switched_off,
     use_rowwise_kernel,
 )
 
@@ -34,7 +33,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _targets_ok(targets: Tensor) -> bool:
     """What the kernels read: packed int64 targets (anything else takes the reference); and the kernels on."""
-    return targets.dtype == torch.int64 and targets.is_contiguous() and os.environ.get("L3K_CROSS_ENTROPY") != "0"
+    return targets.dtype == torch.int64 and targets.is_contiguous() and not switched_off("L3K_CROSS_ENTROPY")
 
 
 @torch.library.custom_op("llama3_kernels::cross_entropy_fwd", mutates_args=())

@@ -9,8 +9,6 @@ for each cache); `rope_kv_cache` does it in one pass over the token's qkv row.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -28,6 +26,7 @@ from llama3_kernels.ops._common import (
     ptr,
     sm_count,
     stream,
+    switched_off,
     use_cuda_kernel,
 )
 from llama3_kernels.ops.attention import cache_layout_ok
@@ -44,7 +43,7 @@ def rope_rotate_op(x: Tensor, rot_pairs: Tensor, inverse: bool) -> Tensor:
 def _rope_rotate_cuda(x, rot_pairs, inverse):
     t, h, d = x.shape
     launchable = (
-        os.environ.get("L3K_ROPE") != "0"
+        not switched_off("L3K_ROPE")
         and x.dtype in HALF_DTYPES
         and d % 8 == 0
         and d <= 512
