@@ -241,10 +241,8 @@ void launch(const Params& p, int num_sms, cudaStream_t stream) {
                "decode_gemv: shared memory opt-in");
     opted_in.fetch_or(bit);
   }
-  int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), "occupancy query");
   const int blocks = (p.n + kRowsPerCta - 1) / kRowsPerCta;
-  const dim3 grid(static_cast<unsigned>(std::min(blocks, num_sms * std::max(per_sm, 1))));
+  const dim3 grid(norm::resident_grid(kernel, kThreads, smem, blocks, num_sms));
   launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
   L3K_CHECK_LAUNCH("decode_gemv_kernel");
 }

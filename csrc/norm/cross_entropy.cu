@@ -135,12 +135,6 @@ void check_ce(uptr logits, int64_t row_stride, uptr targets, uptr lse, int64_t M
   }
 }
 
-int resident_grid(const void* kernel, int64_t work, int num_sms) {
-  int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kCeThreads, 0), "occupancy query");
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, int64_t(num_sms) * std::max(per_sm, 1))));
-}
-
 }  // namespace
 
 void cross_entropy_fwd(uptr logits, int64_t row_stride, uptr targets, uptr loss, uptr lse, int64_t M, int64_t V,
@@ -155,7 +149,7 @@ void cross_entropy_fwd(uptr logits, int64_t row_stride, uptr targets, uptr loss,
     dispatch_vec(vec, [&](auto v) {
       constexpr int VEC = decltype(v)::value;
       auto kernel = cross_entropy_fwd_kernel<T, VEC>;
-      kernel<<<resident_grid(reinterpret_cast<const void*>(kernel), M, num_sms), kCeThreads, 0, as_stream(stream)>>>(
+      kernel<<<resident_grid(kernel, kCeThreads, 0, M, num_sms), kCeThreads, 0, as_stream(stream)>>>(
           as_ptr<const T>(logits), row_stride, as_ptr<const int64_t>(targets), as_ptr<float>(loss), as_ptr<float>(lse),
           M, static_cast<int>(V), ignore_index);
       L3K_CHECK_LAUNCH("cross_entropy_fwd");
@@ -177,7 +171,7 @@ void cross_entropy_bwd(uptr grad, uptr logits, int64_t row_stride, uptr targets,
       constexpr int VEC = decltype(v)::value;
       auto kernel = cross_entropy_bwd_kernel<T, VEC>;
       const int64_t tiles_per_row = ceil_div(V / VEC, kCeThreads * kCeUnroll);
-      const int grid = resident_grid(reinterpret_cast<const void*>(kernel), M * tiles_per_row, num_sms);
+      const int grid = resident_grid(kernel, kCeThreads, 0, M * tiles_per_row, num_sms);
       kernel<<<grid, kCeThreads, 0, as_stream(stream)>>>(as_ptr<const float>(grad), as_ptr<const T>(logits), row_stride,
                                                         as_ptr<const int64_t>(targets), as_ptr<const float>(lse),
                                                         as_ptr<T>(dlogits), M, static_cast<int>(V), ignore_index,

@@ -162,6 +162,15 @@ inline int pick_vec(std::initializer_list<int64_t> counts, std::initializer_list
   return 1;
 }
 
+// A persistent grid: `work` CTAs' worth of items, but at most as many CTAs of `threads` threads (and `smem` bytes of
+// dynamic shared memory) as fit on the device at once; at least 1.
+template <typename Kernel>
+int resident_grid(Kernel kernel, int threads, size_t smem, int64_t work, int num_sms) {
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy query");
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, int64_t(num_sms) * std::max(per_sm, 1))));
+}
+
 // One row per group of `tpr` threads, `rpc` groups per CTA, a persistent grid of at most the resident CTAs.
 struct RowPlan {
   int tpr, rpc, threads, grid;
@@ -173,9 +182,7 @@ RowPlan plan_rows(Kernel kernel, int64_t M, int64_t nvec, int reg_vecs, int max_
   p.tpr = static_cast<int>(std::clamp<int64_t>(ceil_div(ceil_div(nvec, reg_vecs), 32) * 32, 32, max_threads));
   p.rpc = std::max(1, kMinCtaThreads / p.tpr);
   p.threads = p.tpr * p.rpc;
-  int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, 0), "occupancy query");
-  p.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, p.rpc), int64_t(num_sms) * std::max(per_sm, 1))));
+  p.grid = resident_grid(kernel, p.threads, 0, ceil_div(M, p.rpc), num_sms);
   return p;
 }
 

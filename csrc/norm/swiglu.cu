@@ -89,10 +89,8 @@ void launch_elementwise(EltParams p, DType dtype, int vec, int num_sms, cudaStre
       constexpr int V = decltype(v)::value;
       auto kernel = swiglu_kernel<T, V, BWD>;
       p.tiles_per_row = ceil_div(p.F / V, kThreads * kUnroll);
-      int per_sm = 0;
-      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0), "occupancy query");
-      const int64_t grid = std::min<int64_t>(p.M * p.tiles_per_row, int64_t(num_sms) * std::max(per_sm, 1));
-      kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+      const int grid = resident_grid(kernel, kThreads, 0, p.M * p.tiles_per_row, num_sms);
+      kernel<<<grid, kThreads, 0, stream>>>(p);
       L3K_CHECK_LAUNCH(name);
     });
   });
