@@ -127,7 +127,50 @@ def decode_cases(ctx: Context) -> list[Case]:
         out.append(Case(FAMILY, "decode_linear", "fwd", f"{name} M=1 N={n} K={k}", "bf16",
                         _decode_inputs(ctx, n, k, prologue), impls, bytes=2.0 * (n * k + n) + extra,
                         flops=2.0 * n * k, formula=formula, peak=PEAK_TFLOPS["bf16"], api="decode_linear"))  # fmt: skip
-    return out
+    return out + [_qkv_rope_cache_case(ctx)]
+
+
+def _qkv_rope_cache_case(ctx: Context) -> Case:
+    """A decode step's attention input (the 1B's norm + q/k/v projection + RoPE + cache append, one token) in one
+    kernel, against this library's two kernels (rms_norm_linear, rope_kv_cache) and PyTorch's ops."""
+    hq, hkv, d, k, length = (4, 2, 16, 256, 64) if ctx.cpu else (32, 8, 64, 2048, 4096)
+    n = (hq + 2 * hkv) * d
+
+    def make():
+        angles = torch.rand(1, 1, d // 2, device=ctx.device) * 100
+        return {
+            "x": ctx.randn(1, 1, k), "h": ctx.randn(1, 1, k), "g": ctx.randn(k), "w": ctx.randn(n, k, scale=0.02),
+            "rot": torch.polar(torch.ones_like(angles), angles),
+            "pos": torch.full((1, 1), length - 1, dtype=torch.long, device=ctx.device),
+            "kc": ctx.randn(1, length, hkv, d), "vc": ctx.randn(1, length, hkv, d),
+        }  # fmt: skip
+
+    def ours(i):
+        x, h, g, w, rot, pos, kc, vc = (i[key] for key in ("x", "h", "g", "w", "rot", "pos", "kc", "vc"))
+        return lambda: ops.rms_norm_qkv_rope_cache(x, g, 1e-5, w, rot, pos, kc, vc, hq, residual=h)[0]
+
+    def unfused(torch_ops: bool):
+        def make_fn(i):
+            x, h, g, w, rot, pos, kc, vc = (i[key] for key in ("x", "h", "g", "w", "rot", "pos", "kc", "vc"))
+            if torch_ops:
+                return lambda: reference.rope_kv_cache(
+                    torch.nn.functional.linear(torch.nn.functional.rms_norm(x + h, (k,), g, 1e-5), w),
+                    rot, pos, kc, vc, hq,
+                )  # fmt: skip
+            return lambda: ops.rope_kv_cache(ops.rms_norm_linear(x, g, 1e-5, w, residual=h)[0], rot, pos, kc, vc, hq)
+
+        return make_fn
+
+    off = "decode GEMV off in this run (L3K_DECODE_GEMV=0)" if switched_off("L3K_DECODE_GEMV") else None
+    impls = [
+        Impl(OURS, ours, ours=True, skip=off),
+        Impl("llama3_kernels rms_norm_linear + rope_kv_cache (2 kernels)", unfused(False)),
+        Impl("PyTorch ops + F.linear (cuBLAS) + complex RoPE + index_put", unfused(True)),
+    ]
+    return Case(FAMILY, "decode_linear", "fwd", f"1B norm+qkv+rope+cache M=1 N={n} K={k}", "bf16", make, impls,
+                bytes=2.0 * (n * k + n) + 6 * k + 2 * n + 4 * d, flops=2.0 * n * k,
+                formula="bytes = 2·(N·K + N) + 6·K (x, residual, norm weight) + 2·N (q, k, v out) + 4·D (angles)",
+                peak=PEAK_TFLOPS["bf16"], api="rms_norm_qkv_rope_cache")  # fmt: skip
 
 
 def cases(ctx: Context) -> list[Case]:

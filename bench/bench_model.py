@@ -233,7 +233,12 @@ def _decode_inputs(ctx, cfg, cached, length, dtype):
     return make
 
 
-GRAPH_KERNELS = ("decode_gemv", "rope_kv_cache", "decode_attn")  # a fused decode step's ops; references sync
+GRAPH_KERNELS = (
+    "decode_gemv",
+    "decode_gemv_rope_cache",
+    "rope_kv_cache",
+    "decode_attn",
+)  # a fused decode step's ops; references sync
 FP8_KERNELS = ("rms_norm_fp8_fwd", "swiglu_fp8_fwd", "fp8_rowwise_mm")
 
 

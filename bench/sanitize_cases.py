@@ -88,6 +88,13 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
             ops.rms_norm_linear(r(m, 760), r(760), 1e-5, w, residual=h)
             ops.rms_norm_linear(r(m, 760), r(760), 1e-5, w)
             ops.swiglu_linear(r(m, 2 * 760), w)
+        hq, hkv, d = 4, 2, 64  # the q/k/v GEMV with RoPE and the cache append: 512 rows, the last cache slots
+        wqkv = r((hq + 2 * hkv) * d, 760)
+        for b, s in ((1, 3), (3, 1)):
+            rot = torch.polar(torch.ones(b, s, d // 2, device=dev), torch.rand(b, s, d // 2, device=dev))
+            positions = torch.arange(50 - b * s, 50, device=dev).view(b, s)
+            kc, vc = r(4, 50, hkv, d), r(4, 50, hkv, d)
+            ops.rms_norm_qkv_rope_cache(r(b, s, 760), r(760), 1e-5, wqkv, rot, positions, kc, vc, hq, r(b, s, 760))
 
     def attention_sm90():
         from llama3_kernels.bench.bench_attention import SM90_ENV, sm90_skip
@@ -127,7 +134,7 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         "quantize_fp8_rowwise": (("quantize_fp8_rowwise",), lambda: ops.quantize_fp8_rowwise(r(37, 760))),
         "cross_entropy": (("cross_entropy_fwd", "cross_entropy_bwd"), cross_entropy),
         "fp8_rowwise_mm": (("fp8_rowwise_mm", "quantize_fp8_rowwise"), gemm),
-        "decode_linear": (("decode_gemv",), decode_linear),
+        "decode_linear": (("decode_gemv", "decode_gemv_rope_cache"), decode_linear),
         "flash_attention d128": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(128)),
         "flash_attention d64": (("flash_attn_fwd", "flash_attn_bwd"), lambda: attention(64)),
         "flash_attention sm90": (("flash_attn_fwd", "flash_attn_bwd"), attention_sm90),

@@ -42,6 +42,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("norm_w"), py::arg("h_out"), py::arg("eps"),
         py::arg("prologue"), py::arg("w"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype"),
         py::arg("num_sms"), py::arg("stream"));
+  m.def("decode_gemv_rope_cache", &l3k::decode_gemv_rope_cache,
+        "decode qkv GEMV with the rms_norm prologue and RoPE + KV-cache append as its epilogue: returns nothing, "
+        "writes q_out, k_cache, v_cache (and h_out)",
+        py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("norm_w"), py::arg("h_out"), py::arg("eps"),
+        py::arg("w"), py::arg("m"), py::arg("k"), py::arg("rot"), py::arg("positions"), py::arg("q_out"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("S"), py::arg("hq"), py::arg("hkv"), py::arg("d"),
+        py::arg("L"), py::arg("k_stride_b"), py::arg("k_stride_l"), py::arg("v_stride_b"), py::arg("v_stride_l"),
+        py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
   // ---- end gemm family ---------------------------------------------------------------------------
 
   // ---- attention family: csrc/attention/ ---------------------------------------------------------

@@ -56,6 +56,13 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 // The next PDL launch may schedule its CTAs once every CTA of this grid has called this or exited.
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
+// RoPE's rotation of one interleaved pair, (x0 + i x1)(c + i s) in fp32, with the contraction written out (one
+// rounded product, then one fma per output) so that every kernel that rotates (rope_cache.cu, the decode GEMV's qkv
+// epilogue) produces the same bits whatever ptxas would have fused. Pass -s for the inverse rotation.
+__device__ __forceinline__ float2 rope_pair(float x0, float x1, float c, float s) {
+  return make_float2(fmaf(x0, c, -__fmul_rn(x1, s)), fmaf(x0, s, __fmul_rn(x1, c)));
+}
+
 inline bool pdl_enabled() { return env_switch_on("L3K_PDL"); }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute when PDL is on.

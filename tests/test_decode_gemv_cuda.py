@@ -16,6 +16,7 @@ import torch
 from llama3_kernels import reference
 from llama3_kernels.ops import linear
 from llama3_kernels.ops._common import DTYPE_CODES, has_kernel, kernel, ptr, sm_count, stream
+from llama3_kernels.ops.rope import rope_kv_cache
 
 pytestmark = [
     pytest.mark.cuda,
@@ -116,6 +117,109 @@ def test_public_ops_run_the_kernel_on_strided_rows(gen):
     assert torch.equal(h.view(2, 256), h_ref)
     a2, _ = _a(wide[:, : 2 * 256], 256, None, None, linear.SWIGLU)
     _assert_close(y2, a2, w, gen.initial_seed())
+
+
+# ------------------------------------------------------------------ the q/k/v GEMV with RoPE + KV cache epilogue
+def _qkv_case(b, s, hq, hkv, d, k, length, dtype, gen, residual=True, bad_row=None):
+    """Inputs of rms_norm_qkv_rope_cache; positions are distinct slots per row (row `bad_row` one past the cache)."""
+    m = b * s
+    x, w, res, g = _inputs(m, (hq + 2 * hkv) * d, k, linear.RMS_NORM, dtype, gen, residual)
+    angles = torch.rand(b, s, d // 2, generator=gen) * 600
+    rot = torch.polar(torch.ones_like(angles), angles).to("cuda")
+    positions = torch.stack([torch.randperm(length, generator=gen)[:s] for _ in range(b)])
+    if bad_row is not None:
+        positions[bad_row] = length
+    return x, w, res, g, rot, positions.to("cuda")
+
+
+def _qkv_fused(x, w, res, g, rot, positions, hq, length, hkv, d):
+    """The fused launcher into NaN-poisoned q, h and caches [B + 1, L, Hkv, D]."""
+    (b, s), (m, k) = positions.shape, x.shape
+    q = torch.full((b, s, hq, d), float("nan"), dtype=x.dtype, device="cuda")
+    h = torch.full((m, k), float("nan"), dtype=x.dtype, device="cuda") if res is not None else None
+    kc, vc = (torch.full((b + 1, length, hkv, d), float("nan"), dtype=x.dtype, device="cuda") for _ in range(2))
+    kernel("decode_gemv_rope_cache")(
+        ptr(x), x.stride(0), ptr(res), ptr(g), ptr(h), 1e-5, ptr(w), m, k, ptr(torch.view_as_real(rot)),
+        ptr(positions), ptr(q), ptr(kc), ptr(vc), s, hq, hkv, d, length, kc.stride(0), kc.stride(1), vc.stride(0),
+        vc.stride(1), DTYPE_CODES[x.dtype], sm_count(0), stream(x),
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    return q, h, kc, vc
+
+
+def _qkv_unfused(x, w, res, g, rot, positions, hq, length, hkv, d):
+    """The two kernels it fuses: the decode GEMV (rms_norm prologue), then rope_kv_cache, into NaN-poisoned caches."""
+    b, s = positions.shape
+    y, h = _launch(x, w, res, g, linear.RMS_NORM)
+    kc, vc = (torch.full((b + 1, length, hkv, d), float("nan"), dtype=x.dtype, device="cuda") for _ in range(2))
+    q = rope_kv_cache(y.view(b, s, -1), rot, positions, kc, vc, hq)
+    torch.cuda.synchronize()
+    return q, h, kc, vc
+
+
+def _same_bits(a, b):
+    return (
+        a is None and b is None or (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7), b.nan_to_num(7)))
+    )
+
+
+@pytest.mark.parametrize(
+    "b,s,hq,hkv,d,k,length",
+    [(1, 1, 32, 8, 64, 2048, 4096), (1, 1, 32, 8, 128, 4096, 300), (2, 2, 4, 2, 8, 760, 19), (1, 3, 12, 4, 128, 256, 77),
+     (4, 1, 8, 1, 64, 512, 33), (3, 1, 9, 3, 64, 576, 50)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_qkv_rope_cache_epilogue_equals_the_two_kernels(b, s, hq, hkv, d, k, length, dtype, residual, gen):
+    """Bit for bit what decode_gemv + rope_kv_cache write (each checked against fp64 / the reference in its own
+    tests): q, h, and every cache slot, written or (NaN-poisoned) left alone. Shapes: the 1B and 8B layers, D = 8
+    (a warp's pair spans a whole head's quarter), M = 4 tokens as 2 x 2, 1 x 3 and 4 x 1, SmolLM2's 9/3 heads."""
+    _need()
+    args = _qkv_case(b, s, hq, hkv, d, k, length, dtype, gen, residual)
+    fused = _qkv_fused(*args, hq, length, hkv, d)
+    unfused = _qkv_unfused(*args, hq, length, hkv, d)
+    assert not fused[0].isnan().any(), "unwritten q"
+    for name, mine, theirs in zip(("q", "h", "k_cache", "v_cache"), fused, unfused):
+        assert _same_bits(mine, theirs), f"{name} differs from the unfused kernels (seed {gen.initial_seed()})"
+    written = (~fused[2].isnan()).all(-1).all(-1).sum().item()
+    assert written == b * s  # one slot per token, nothing else
+
+
+def test_qkv_rope_cache_out_of_range_position(gen):
+    """A position past the cache: that token's q is NaN and its row writes nothing, as rope_kv_cache does."""
+    _need()
+    b, s, hq, hkv, d, k, length = 2, 2, 4, 2, 64, 256, 16
+    args = _qkv_case(b, s, hq, hkv, d, k, length, torch.bfloat16, gen, bad_row=1)
+    fused = _qkv_fused(*args, hq, length, hkv, d)
+    q, _, kc, vc = fused
+    assert q[1].isnan().all() and not q[0].isnan().any()
+    assert kc[1].isnan().all() and vc[1].isnan().all() and not kc[0, args[-1][0]].isnan().any()
+    assert all(_same_bits(a, b) for a, b in zip(fused, _qkv_unfused(*args, hq, length, hkv, d)))
+
+
+def test_qkv_rope_cache_op_is_one_kernel(gen, monkeypatch):
+    """The public op runs the fused kernel alone (no rope_kv_cache launch); L3K_DECODE_GEMV=0 runs the unfused
+    ops instead, with the same values."""
+    _need()
+    b, s, hq, hkv, d, k, length = 1, 1, 32, 8, 64, 2048, 64
+    x, w, res, g, rot, positions = _qkv_case(b, s, hq, hkv, d, k, length, torch.bfloat16, gen)
+    x3, r3 = x.view(b, s, k), res.view(b, s, k)
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("L3K_DECODE_GEMV", switch)
+        kc, vc = (torch.zeros(b, length, hkv, d, dtype=x.dtype, device="cuda") for _ in range(2))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            q, h = linear.rms_norm_qkv_rope_cache(x3, g, 1e-5, w, rot, positions, kc, vc, hq, residual=r3)
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        runs.append((q, h, kc, vc, names))
+    (q1, h1, kc1, vc1, names1), (q0, h0, kc0, vc0, names0) = runs
+    assert any("decode_gemv_kernel" in n for n in names1) and not any("rope_kv_cache" in n for n in names1)
+    assert not any("decode_gemv_kernel" in n for n in names0)
+    assert torch.equal(h1, h0)
+    eps = torch.finfo(torch.bfloat16).eps  # the unfused path's GEMM is cuBLAS: the sums may round differently
+    for mine, theirs in ((q1, q0), (kc1, kc0), (vc1, vc0)):
+        torch.testing.assert_close(mine.float(), theirs.float(), atol=4 * eps * float(theirs.abs().max()), rtol=0)
 
 
 def test_switched_off_runs_the_unfused_ops(gen, monkeypatch):

@@ -16,7 +16,7 @@ import llama3_kernels as l3k
 from llama3_kernels import reference
 from llama3_kernels.ops.attention import decode_attn, flash_attn_bwd, flash_attn_fwd
 from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
-from llama3_kernels.ops.linear import decode_gemv
+from llama3_kernels.ops.linear import decode_gemv, decode_qkv_rope_cache
 from llama3_kernels.ops.loss import cross_entropy_bwd, cross_entropy_fwd
 from llama3_kernels.ops.norm import rms_norm_bwd, rms_norm_fp8_fwd, rms_norm_fwd
 from llama3_kernels.ops.quant import quantize_fp8_rowwise_fwd
@@ -613,6 +613,67 @@ def test_decode_gemv_opcheck(gen):
     torch.library.opcheck(decode_gemv, (torch.randn(3, 48, generator=gen), w, None, None, 0.0, 2))
 
 
+def qkv_case(gen, b, s, dtype, hq=4, hkv=2, d=8, k=24):
+    """rms_norm_qkv_rope_cache's inputs: x, norm weight, wqkv, residual, and rope_case's rot, positions, caches."""
+    x, r = randn(gen, b, s, k, dtype=dtype), randn(gen, b, s, k, dtype=dtype)
+    g, w = randn(gen, k, dtype=dtype), randn(gen, (hq + 2 * hkv) * d, k, dtype=dtype) * 0.2
+    _, rot, positions, caches, _ = rope_case(gen, b, s, hq, hkv, d, bmax=b + 1, dtype=dtype)
+    return x, g, w, r, rot, positions, caches
+
+
+@pytest.mark.parametrize("b,s", [(1, 1), (2, 2), (1, 4), (2, 3)])  # 2 x 3: past the GEMV's 4 rows, the ops path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_qkv_rope_cache_is_its_two_ops(gen, b, s, dtype, with_residual):
+    """Exactly rms_norm_linear then rope_kv_cache: the same q, h and cache writes, nothing else touched."""
+    x, g, w, r, rot, positions, (kc, vc) = qkv_case(gen, b, s, dtype)
+    r = r if with_residual else None
+    kc2, vc2 = kc.clone(), vc.clone()
+    q, h = l3k.rms_norm_qkv_rope_cache(x, g, 1e-5, w, rot, positions, kc, vc, 4, residual=r)
+    qkv, h2 = l3k.rms_norm_linear(x, g, 1e-5, w, residual=r)
+    q2 = l3k.rope_kv_cache(qkv, rot, positions, kc2, vc2, 4)
+    assert q.shape == (b, s, 4, 8) and h.shape == x.shape
+    assert torch.equal(q, q2) and torch.equal(h, h2)
+    for mine, theirs in ((kc, kc2), (vc, vc2)):  # NaN-poisoned: the same slots written, the same values
+        assert torch.equal(mine.isnan(), theirs.isnan()) and torch.equal(mine.nan_to_num(7), theirs.nan_to_num(7))
+    assert (~kc.isnan()).all(-1).all(-1).sum() == b * s
+    # and against independent math: fp64 norm and product, then the rotation of each pair by its angle
+    want_qkv = _norm_then_linear(x, g, 1e-5, w, r)[0].double()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_close(q.double(), reference.rope_kv_cache(want_qkv, rot, positions, kc2.double(), vc2.double(), 4), **tol)
+
+
+def test_decode_qkv_rope_cache_opcheck(gen):
+    x, g, w, r, rot, positions, (kc, vc) = qkv_case(gen, 2, 1, torch.float32)
+    kc.zero_(), vc.zero_()  # opcheck compares runs: no NaN
+    args = (x.view(2, -1), w, r.view(2, -1), g, 1e-5, torch.view_as_real(rot), positions, kc, vc, 4)
+    torch.library.opcheck(decode_qkv_rope_cache, args)
+    torch.library.opcheck(decode_qkv_rope_cache, (x.view(2, -1), w, None, *args[3:]))
+
+
+@pytest.mark.parametrize(
+    "change,exc,name",
+    [
+        (dict(wqkv=torch.ones(63, 24)), ValueError, "wqkv"),  # not (n_heads + 2 Hkv) D rows
+        (dict(x=torch.ones(2, 24)), ValueError, "x"),  # not [B, S, K]
+        (dict(norm_weight=torch.ones(23)), ValueError, "norm_weight"),
+        (dict(residual=torch.ones(2, 2, 24)), ValueError, "residual"),
+        (dict(positions=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "positions"),
+        (dict(positions=torch.full((2, 1), 10)), ValueError, "positions"),  # past the cache
+        (dict(rot=torch.ones(2, 1, 4)), TypeError, "rot"),
+        (dict(k_cache=torch.ones(3, 10, 2, 8, dtype=torch.float64)), TypeError, "k_cache"),
+        (dict(n_heads=3), ValueError, "wqkv"),
+    ],
+)
+def test_rms_norm_qkv_rope_cache_bad_inputs(gen, change, exc, name):
+    x, g, w, r, rot, positions, (kc, vc) = qkv_case(gen, 2, 1, torch.float32)
+    args = dict(x=x, norm_weight=g, eps=1e-5, wqkv=w, rot=rot, positions=positions, k_cache=kc, v_cache=vc,
+                n_heads=4, residual=r)  # fmt: skip
+    args.update(change)
+    with pytest.raises(exc, match=rf"^{name}:"):
+        l3k.rms_norm_qkv_rope_cache(**args)
+
+
 @pytest.mark.parametrize(
     "call,name",
     [
@@ -638,7 +699,7 @@ def test_info_is_honest():
     assert set(report["cuda_ops"]) == {
         "rms_norm", "rms_norm_fp8", "swiglu", "swiglu_fp8", "quantize_fp8_rowwise", "fp8_rowwise_mm",
         "flash_attention", "decode_attention", "rope_kv_cache", "decode_linear", "rms_norm_linear", "swiglu_linear",
-        "cross_entropy", "rope",
+        "cross_entropy", "rope", "rms_norm_qkv_rope_cache",
     }  # fmt: skip
     if not torch.cuda.is_available():
         assert all(path.startswith("reference") for path in report["cuda_ops"].values())

@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kv_cache_kernel(const RopeP
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // pair col / 2 + i: (x0, x1) by (cos, sin)
         const float2 v = Half<T>::unpack(w[i]), cs = rot[col / 2 + i];
-        float y0 = v.x * cs.x - v.y * cs.y, y1 = v.x * cs.y + v.y * cs.x;
-        if (!in_cache) y0 = y1 = __int_as_float(0x7fc00000);  // only q heads get here without a cache slot
-        w[i] = Half<T>::pack(y0, y1);
+        float2 y = rope_pair(v.x, v.y, cs.x, cs.y);
+        if (!in_cache) y.x = y.y = __int_as_float(0x7fc00000);  // only q heads get here without a cache slot
+        w[i] = Half<T>::pack(y.x, y.y);
       }
     }
     *reinterpret_cast<uint4*>(dst) = x;
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(kRotateThreads) rope_rotate_kernel(const T* x,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float2 p = Half<T>::unpack(w[i]);
-      const float s = kInverse ? -cs[i].y : cs[i].y;  // conjugate: (cos, -sin)
-      w[i] = Half<T>::pack(p.x * cs[i].x - p.y * s, p.x * s + p.y * cs[i].x);
+      const float2 y = rope_pair(p.x, p.y, cs[i].x, kInverse ? -cs[i].y : cs[i].y);  // conjugate: (cos, -sin)
+      w[i] = Half<T>::pack(y.x, y.y);
     }
     *reinterpret_cast<uint4*>(out + v * 8) = u;  // out is dense: vector v sits at element 8 v
   }

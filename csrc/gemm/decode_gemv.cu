@@ -13,6 +13,13 @@
 // 8016 blocks). Products accumulate in fp32 per lane, then a shuffle tree. `a` is rounded to the weight dtype
 // before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM. With L3K_PDL=1 the kernel
 // is a programmatic dependent launch: its first weight loads may overlap the previous kernel's tail (common.h).
+//
+// The qkv epilogue (decode_gemv_rope_cache): y is a fused [wq; wk; wv] projection, and instead of storing it the
+// kernel does what rope_kv_cache (attention/rope_cache.cu) would do next: q heads rotated into q_out, k heads
+// rotated into k_cache, v heads copied into v_cache, at each token's position. A warp owns two adjacent rows, an
+// even one first, so it holds whole RoPE pairs (Meta's interleaved (2i, 2i + 1) within a head); each sum is
+// rounded to T first and rotated by the same rope_pair arithmetic, so the result is bit-identical to the unfused
+// GEMV + rope_kv_cache (one kernel a layer fewer in a decode step).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -21,6 +28,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "common.h"
 #include "gemm/gemm.h"
@@ -43,8 +51,16 @@ struct Params {
   void* h_out;           // [M, K] or nullptr: x + residual, written by CTA 0
   float eps;
   const void* w;  // [N, K]
-  void* y;        // [M, N]
+  void* y;        // [M, N] (unused by the qkv epilogue)
   int n, k;
+  // the qkv epilogue: N = (hq + 2 hkv) d; token m belongs to batch row m / S of the caches [Bmax, L, hkv, d]
+  const float2* rot;          // [M, d/2] (cos, sin)
+  const int64_t* positions;   // [M]; outside [0, L): no cache write, NaN q
+  void* q_out;                // [M, hq, d]
+  void* k_cache;
+  void* v_cache;
+  int64_t k_stride_b, k_stride_l, v_stride_b, v_stride_l;
+  int S, hq, hkv, d, L;
 };
 
 using norm::from_f;
@@ -146,7 +162,32 @@ __device__ __forceinline__ void prologue(const Params& p, T* xs) {
   __syncthreads();
 }
 
-template <typename T, int M, int P>
+// The qkv epilogue for the pair (row0, row0 + 1) of token m: lane m·2 + r holds y[m, row0 + r] as `mine`, `other`
+// is its partner's; writes element row0 + r of q, the k cache or the v cache.
+template <typename T>
+__device__ __forceinline__ void rope_cache_store(const Params& p, int m, int row0, int r, T mine, T other) {
+  const int head = row0 / p.d, col = row0 % p.d + r;
+  const int64_t pos = p.positions[m], b = m / p.S;
+  const bool in_cache = pos >= 0 && pos < p.L;
+  if (head >= p.hq && !in_cache) return;
+  if (head >= p.hq + p.hkv) {  // v: copied
+    static_cast<T*>(p.v_cache)[b * p.v_stride_b + pos * p.v_stride_l + int64_t(head - p.hq - p.hkv) * p.d + col] =
+        mine;
+    return;
+  }
+  const float2 cs = p.rot[int64_t(m) * (p.d / 2) + col / 2];
+  const float x0 = to_f(r == 0 ? mine : other), x1 = to_f(r == 0 ? other : mine);
+  const float2 y = rope_pair(x0, x1, cs.x, cs.y);
+  float v = r == 0 ? y.x : y.y;
+  if (head < p.hq) {
+    if (!in_cache) v = __int_as_float(0x7fc00000);
+    static_cast<T*>(p.q_out)[(int64_t(m) * p.hq + head) * p.d + col] = from_f<T>(v);
+  } else {
+    static_cast<T*>(p.k_cache)[b * p.k_stride_b + pos * p.k_stride_l + int64_t(head - p.hq) * p.d + col] = from_f<T>(v);
+  }
+}
+
+template <typename T, int M, int P, bool kRope>
 __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
   constexpr int R = kRowsPerWarp, U = M <= 2 ? 4 : 2;  // chunks of each row in flight per lane
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -218,6 +259,12 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
       }
     }
     const float sum = warp_sum_for_lane(acc, lane);
+    if constexpr (kRope) {
+      static_assert(R == 2, "the qkv epilogue needs whole RoPE pairs in a warp");
+      const T mine = from_f<T>(sum), other = from_f<T>(__shfl_xor_sync(0xffffffffu, sum, 1));
+      if (lane < M * R && row0 < p.n) rope_cache_store<T>(p, lane / R, row0, lane % R, mine, other);
+      continue;
+    }
     if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
       const int m = lane / R, r = lane % R;
       if (row0 + r < p.n) static_cast<T*>(p.y)[int64_t(m) * p.n + row0 + r] = from_f<T>(sum);
@@ -228,9 +275,9 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
 // Opts every instantiation in to the shared memory limit once per device (its static red/rstd arrays count too,
 // so even exactly 48 KB of dynamic memory needs it), then a grid of at most the CTAs that fit at once: each CTA
 // computes the prologue once and walks its 16-row blocks.
-template <typename T, int M, int P>
+template <typename T, int M, int P, bool kRope>
 void launch(const Params& p, int num_sms, cudaStream_t stream) {
-  auto kernel = decode_gemv_kernel<T, M, P>;
+  auto kernel = decode_gemv_kernel<T, M, P, kRope>;
   const size_t smem = size_t(M) * p.k * sizeof(T);
   static std::atomic<uint64_t> opted_in{0};
   int device = 0;
@@ -247,13 +294,13 @@ void launch(const Params& p, int num_sms, cudaStream_t stream) {
   L3K_CHECK_LAUNCH("decode_gemv_kernel");
 }
 
-template <typename T, int P>
+template <typename T, int P, bool kRope = false>
 void dispatch_m(const Params& p, int m, int num_sms, cudaStream_t s) {
   switch (m) {
-    case 1: return launch<T, 1, P>(p, num_sms, s);
-    case 2: return launch<T, 2, P>(p, num_sms, s);
-    case 3: return launch<T, 3, P>(p, num_sms, s);
-    default: return launch<T, 4, P>(p, num_sms, s);
+    case 1: return launch<T, 1, P, kRope>(p, num_sms, s);
+    case 2: return launch<T, 2, P, kRope>(p, num_sms, s);
+    case 3: return launch<T, 3, P, kRope>(p, num_sms, s);
+    default: return launch<T, 4, P, kRope>(p, num_sms, s);
   }
 }
 
@@ -268,11 +315,10 @@ void dispatch_prologue(const Params& p, int prologue, int m, int num_sms, cudaSt
 
 bool aligned16(std::uintptr_t a) { return a % 16 == 0; }
 
-}  // namespace
-
-void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
-                 std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
-                 int k, int dtype, int num_sms, std::uintptr_t stream) {
+// The arguments both launchers share, checked; y may be 0 (the qkv epilogue writes no y).
+Params checked_params(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
+                      std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
+                      int k, int dtype, int num_sms) {
   const DType dt = to_dtype(dtype, "dtype");
   require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
   require(prologue >= kNone && prologue <= kSwiglu, "prologue", "expected 0 (none), 1 (rms_norm) or 2 (swiglu)");
@@ -290,10 +336,69 @@ void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residua
           "the rms_norm prologue needs a 16-byte aligned norm weight");
   require(residual == 0 || prologue == kRmsNorm, "residual", "only the rms_norm prologue takes a residual");
   require(num_sms >= 1, "num_sms", "expected the device's SM count, got " + std::to_string(num_sms));
-  Params p{as_ptr<const void>(x), x_stride, as_ptr<const void>(residual), as_ptr<const void>(norm_w),
-           as_ptr<void>(h_out), eps, as_ptr<const void>(w), as_ptr<void>(y), n, k};
+  Params p{};
+  p.x = as_ptr<const void>(x);
+  p.x_stride = x_stride;
+  p.residual = as_ptr<const void>(residual);
+  p.norm_w = as_ptr<const void>(norm_w);
+  p.h_out = as_ptr<void>(h_out);
+  p.eps = eps;
+  p.w = as_ptr<const void>(w);
+  p.y = as_ptr<void>(y);
+  p.n = n;
+  p.k = k;
+  return p;
+}
+
+}  // namespace
+
+void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
+                 std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
+                 int k, int dtype, int num_sms, std::uintptr_t stream) {
+  const Params p = checked_params(x, x_stride, residual, norm_w, h_out, eps, prologue, w, y, m, n, k, dtype, num_sms);
+  require(y != 0, "y", "null pointer");
+  const DType dt = to_dtype(dtype, "dtype");
   if (dt == DType::BF16) return dispatch_prologue<__nv_bfloat16>(p, prologue, m, num_sms, as_stream(stream));
   dispatch_prologue<__half>(p, prologue, m, num_sms, as_stream(stream));
+}
+
+void decode_gemv_rope_cache(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
+                            std::uintptr_t h_out, float eps, std::uintptr_t w, int m, int k, std::uintptr_t rot,
+                            std::uintptr_t positions, std::uintptr_t q_out, std::uintptr_t k_cache,
+                            std::uintptr_t v_cache, int S, int hq, int hkv, int d, int L, std::int64_t k_stride_b,
+                            std::int64_t k_stride_l, std::int64_t v_stride_b, std::int64_t v_stride_l, int dtype,
+                            int num_sms, std::uintptr_t stream) {
+  require(d > 0 && d % 2 == 0, "d", "expected a positive even head dim, got " + std::to_string(d));
+  require(hq > 0 && hkv > 0, "hkv", "expected positive head counts, got hq=" + std::to_string(hq) +
+                                        " hkv=" + std::to_string(hkv));
+  require(S > 0 && m % S == 0, "S", "expected a positive divisor of the token count, got " + std::to_string(S));
+  require(L > 0, "L", "expected a positive cache length, got " + std::to_string(L));
+  const std::int64_t n = std::int64_t(hq + 2 * hkv) * d;
+  require(n <= 0x7fffffff, "hq", "(hq + 2 hkv) d exceeds 2^31 weight rows");
+  const std::pair<const char*, std::uintptr_t> pointers[] = {
+      {"q_out", q_out}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"positions", positions}};
+  for (const auto& [name, address] : pointers) require(address != 0, name, "null pointer");
+  require(rot != 0 && rot % 8 == 0, "rot", "expected an 8-byte aligned fp32 (cos, sin) pair array");
+  require(positions % 8 == 0, "positions", "expected an aligned int64 array");
+  require(q_out % 2 == 0 && k_cache % 2 == 0 && v_cache % 2 == 0, "q_out", "expected 16-bit aligned outputs");
+  Params p = checked_params(x, x_stride, residual, norm_w, h_out, eps, kRmsNorm, w, 0, m, int(n), k, dtype, num_sms);
+  p.rot = as_ptr<const float2>(rot);
+  p.positions = as_ptr<const std::int64_t>(positions);
+  p.q_out = as_ptr<void>(q_out);
+  p.k_cache = as_ptr<void>(k_cache);
+  p.v_cache = as_ptr<void>(v_cache);
+  p.k_stride_b = k_stride_b;
+  p.k_stride_l = k_stride_l;
+  p.v_stride_b = v_stride_b;
+  p.v_stride_l = v_stride_l;
+  p.S = S;
+  p.hq = hq;
+  p.hkv = hkv;
+  p.d = d;
+  p.L = L;
+  const DType dt = to_dtype(dtype, "dtype");
+  if (dt == DType::BF16) return dispatch_m<__nv_bfloat16, kRmsNorm, true>(p, m, num_sms, as_stream(stream));
+  dispatch_m<__half, kRmsNorm, true>(p, m, num_sms, as_stream(stream));
 }
 
 }  // namespace l3k

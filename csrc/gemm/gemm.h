@@ -29,4 +29,17 @@ void decode_gemv(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residua
                  std::uintptr_t h_out, float eps, int prologue, std::uintptr_t w, std::uintptr_t y, int m, int n,
                  int k, int dtype, int num_sms, std::uintptr_t stream);
 
+// The fused qkv projection of a decode step: the rms_norm prologue (residual and h_out optional, as above), then
+// for y = a · wᵀ with N = (hq + 2 hkv) d rows (wq; wk; wv) what rope_kv_cache does next instead of storing y:
+// q [M, hq, d] = RoPE(y's q heads), k_cache[t / S, positions[t]] = RoPE(y's k heads), v_cache[...] = y's v heads,
+// with rot [M, d/2] fp32 (cos, sin) and int64 positions [M]; caches [Bmax, L, hkv, d] with the given strides (in
+// elements, (head, d) dense). A position outside [0, L) writes no cache entry and makes that token's q NaN.
+// Bit-identical to decode_gemv (prologue 1) followed by rope_kv_cache.
+void decode_gemv_rope_cache(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t residual, std::uintptr_t norm_w,
+                            std::uintptr_t h_out, float eps, std::uintptr_t w, int m, int k, std::uintptr_t rot,
+                            std::uintptr_t positions, std::uintptr_t q_out, std::uintptr_t k_cache,
+                            std::uintptr_t v_cache, int S, int hq, int hkv, int d, int L, std::int64_t k_stride_b,
+                            std::int64_t k_stride_l, std::int64_t v_stride_b, std::int64_t v_stride_l, int dtype,
+                            int num_sms, std::uintptr_t stream);
+
 }  // namespace l3k

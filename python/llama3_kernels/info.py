@@ -19,6 +19,7 @@ OP_KERNELS = {
     "decode_linear": ("decode_gemv",),
     "rms_norm_linear": ("decode_gemv",),
     "swiglu_linear": ("decode_gemv",),
+    "rms_norm_qkv_rope_cache": ("decode_gemv_rope_cache",),
     "flash_attention": ("flash_attn_fwd", "flash_attn_bwd"),
     "decode_attention": ("decode_attn",),
     "rope_kv_cache": ("rope_kv_cache",),

@@ -68,13 +68,19 @@ class Attention(nn.Module):
             self.wqkv = _stacked_linear(self.wq, self.wk, self.wv)  # [(Hq + 2 Hkv) D, dim]
             self.wq = self.wk = self.wv = None
 
-    def decode_from_qkv(self, qkv: Tensor, rot: Tensor, positions: Tensor, cache_seqlens: Tensor) -> Tensor:
-        """Fused decode from the fused projection's output qkv [B, S, (Hq + 2 Hkv) D]: RoPE on q and k with both
-        cache writes in one op, attention over the cache, then wo (the decode GEMV for a few rows)."""
-        b, s, _ = qkv.shape
-        q = ops.rope_kv_cache(qkv, rot, positions, self.k_cache, self.v_cache, self.n_heads)
+    def decode(
+        self, x: Tensor, norm: RMSNorm, residual: Tensor | None, rot: Tensor, positions: Tensor, cache_seqlens: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """A fused model's decode step from the block input: norm, q/k/v projection, RoPE and both cache writes in
+        one op (ops.rms_norm_qkv_rope_cache), attention over the cache, then wo (the decode GEMV for a few rows).
+        Returns (attention output, the residual stream h)."""
+        b, s, _ = x.shape
+        q, h = ops.rms_norm_qkv_rope_cache(
+            x, norm.weight, norm.eps, self.wqkv.weight, rot, positions, self.k_cache, self.v_cache, self.n_heads,
+            residual,
+        )  # fmt: skip
         out = ops.decode_attention(q, self.k_cache[:b], self.v_cache[:b], cache_seqlens)
-        return ops.decode_linear(out.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight)
+        return ops.decode_linear(out.reshape(b, s, self.n_heads * self.head_dim), self.wo.weight), h
 
     def _qkv(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, S, Hq, D] and k [B, S, Hkv, D] rotated, v [B, S, Hkv, D]."""
@@ -162,13 +168,11 @@ class TransformerBlock(nn.Module):
 
     def _decode(self, delta, h, rot, positions, cache_seqlens) -> tuple[Tensor, Tensor]:
         """A decode step of a fused model: each norm and the SwiGLU run inside the GEMV that consumes them
-        (ops.rms_norm_linear / swiglu_linear), 6 kernels a layer for a few rows. Same values as forward's path."""
-        att, ff, norm = self.attention, self.feed_forward, self.attention_norm
-        if delta is None:
-            qkv, h = ops.rms_norm_linear(h, norm.weight, norm.eps, att.wqkv.weight)
-        else:
-            qkv, h = ops.rms_norm_linear(delta, norm.weight, norm.eps, att.wqkv.weight, residual=h)
-        delta = att.decode_from_qkv(qkv, rot, positions, cache_seqlens)
+        (ops.rms_norm_qkv_rope_cache, rms_norm_linear, swiglu_linear), and RoPE with the cache writes inside the
+        q/k/v GEMV: 5 kernels a layer for a few rows. Same values as forward's path."""
+        ff = self.feed_forward
+        x, residual = (h, None) if delta is None else (delta, h)
+        delta, h = self.attention.decode(x, self.attention_norm, residual, rot, positions, cache_seqlens)
         if type(self.ffn_norm) is RMSNorm and isinstance(ff, FeedForward) and ff.w13 is not None:
             gate_up, h = ops.rms_norm_linear(delta, self.ffn_norm.weight, self.ffn_norm.eps, ff.w13.weight, h)
             return ops.swiglu_linear(gate_up, ff.w2.weight), h
@@ -236,10 +240,10 @@ class Transformer(nn.Module):
     def fuse_projections(self) -> Transformer:
         """Inference: per layer one [wq; wk; wv] GEMM and one [w1; w3] GEMM, RoPE on q and k in one pass.
 
-        A batch-1 decode step then launches 6 kernels a layer instead of 17: one GEMV for q/k/v and one for
-        w1/w3, RoPE with the two cache writes as one `rope_kv_cache` kernel, and each norm and the SwiGLU inside
-        the GEMV that consumes it (ops.rms_norm_linear / swiglu_linear), which is what a CUDA-graph decode pays
-        for at a few us a kernel. The state dict then holds wqkv / w13 instead of
+        A batch-1 decode step then launches 5 kernels a layer instead of 17: one GEMV for q/k/v (with RoPE and
+        the two cache writes as its epilogue, `ops.rms_norm_qkv_rope_cache`) and one for w1/w3, and each norm and
+        the SwiGLU inside the GEMV that consumes it (ops.rms_norm_linear / swiglu_linear), which is what a
+        CUDA-graph decode pays for at a few us a kernel. The state dict then holds wqkv / w13 instead of
         wq, wk, wv / w1, w3: fuse after loading weights (`quantize_model_fp8` takes a fused model too), and do
         not train a fused model. Idempotent; returns self.
         """

@@ -2,7 +2,7 @@
 
 from llama3_kernels.ops.attention import decode_attention, flash_attention
 from llama3_kernels.ops.gemm import fp8_rowwise_mm
-from llama3_kernels.ops.linear import decode_linear, rms_norm_linear, swiglu_linear
+from llama3_kernels.ops.linear import decode_linear, rms_norm_linear, rms_norm_qkv_rope_cache, swiglu_linear
 from llama3_kernels.ops.loss import cross_entropy
 from llama3_kernels.ops.norm import rms_norm, rms_norm_fp8
 from llama3_kernels.ops.quant import quantize_fp8_rowwise
@@ -19,6 +19,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_fp8",
     "rms_norm_linear",
+    "rms_norm_qkv_rope_cache",
     "rope",
     "rope_kv_cache",
     "swiglu",

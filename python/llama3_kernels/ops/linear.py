@@ -3,6 +3,9 @@
     decode_linear(x, w)                         = x @ wᵀ
     rms_norm_linear(x, g, eps, w, residual)     = rms_norm(x (+ residual)) @ wᵀ, and the new residual stream
     swiglu_linear(gate_up, w)                   = swiglu(gate_up) @ wᵀ
+    rms_norm_qkv_rope_cache(x, g, eps, wqkv, rot, positions, k_cache, v_cache, n_heads, residual)
+                                                = rope_kv_cache(rms_norm_linear(x, g, eps, wqkv, residual)), the
+                                                  decode step's first kernel of a layer: no qkv tensor is written
 
 Each equals the composition of this library's ops with F.linear (the norm or SwiGLU output rounded to the dtype
 before the product), which is also what runs whenever the kernel does not apply: more than 4 rows, gradients
@@ -31,7 +34,10 @@ from llama3_kernels.ops._common import (
     switched_off,
     use_cuda_kernel,
 )
+from llama3_kernels.ops.attention import cache_layout_ok
 from llama3_kernels.ops.norm import rms_norm
+from llama3_kernels.ops.rope import _reference as _rope_kv_cache_reference
+from llama3_kernels.ops.rope import check_cache_args, rope_kv_cache, rope_kv_cache_op
 from llama3_kernels.ops.swiglu import swiglu
 
 NONE, RMS_NORM, SWIGLU = 0, 1, 2  # prologue codes of the launcher
@@ -143,6 +149,17 @@ def _check(name: str, x: Tensor, w: Tensor, width: int, **others: Tensor | None)
         raise ValueError(f"{name}: expected last dim {width} (from weight's K = {w.shape[1]}), got {x.shape[-1]}")
 
 
+def _check_norm_input(x: Tensor, norm_weight: Tensor, weight: Tensor, residual: Tensor | None) -> None:
+    """rms_norm_linear's x, norm_weight [K], weight [N, K] and residual (like x)."""
+    k = weight.shape[1] if weight.dim() == 2 else -1
+    _check("x", x, weight, k, norm_weight=norm_weight, residual=residual)
+    check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES)
+    if norm_weight.shape != (k,):
+        raise ValueError(f"norm_weight: expected shape ({k},) (weight's K), got {tuple(norm_weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
+
+
 def decode_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T for x [..., K] and weight [N, K] (no bias): the decode GEMV for up to 4 rows, else F.linear.
 
@@ -166,13 +183,7 @@ def rms_norm_linear(
     Raises:
         TypeError / ValueError naming the offending argument.
     """
-    k = weight.shape[1] if weight.dim() == 2 else -1
-    _check("x", x, weight, k, norm_weight=norm_weight, residual=residual)
-    check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES)
-    if norm_weight.shape != (k,):
-        raise ValueError(f"norm_weight: expected shape ({k},) (weight's K), got {tuple(norm_weight.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
+    _check_norm_input(x, norm_weight, weight, residual)
     if not _fused(x, norm_weight, weight, residual):
         if residual is None:
             return F.linear(rms_norm(x, norm_weight, eps), weight), x
@@ -195,3 +206,99 @@ def swiglu_linear(gate_up: Tensor, weight: Tensor) -> Tensor:
         return F.linear(swiglu(gate_up), weight)
     y, _ = decode_gemv(rows_view("gate_up", gate_up), weight, None, None, 0.0, SWIGLU)
     return y.view(*gate_up.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("llama3_kernels::decode_qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
+def decode_qkv_rope_cache(
+    x: Tensor,
+    w: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    rot_pairs: Tensor,
+    positions: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
+) -> tuple[Tensor, Tensor]:
+    """x [M, K] rows (M = B·S tokens), w [(Hq + 2 Hkv) D, K], rot_pairs [B, S, D/2, 2] fp32, positions [B, S] int64,
+    caches [Bmax, L, Hkv, D] (written) → (q [B, S, Hq, D], h [M, K] with a residual, else empty)."""
+    _check_op(x, w, residual, norm_weight, RMS_NORM)
+    y, h = _unfused(x, w, residual, norm_weight, eps, RMS_NORM)
+    qkv = y.view(*positions.shape, y.shape[-1])
+    return _rope_kv_cache_reference(qkv, rot_pairs, positions, k_cache, v_cache, n_heads), h
+
+
+@decode_qkv_rope_cache.register_kernel("cuda")
+@on_input_device
+def _decode_qkv_rope_cache_cuda(x, w, residual, norm_weight, eps, rot_pairs, positions, k_cache, v_cache, n_heads):
+    _check_op(x, w, residual, norm_weight, RMS_NORM)
+    (m, k), (b, s) = x.shape, positions.shape
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    if not (
+        _kernel_applies(x, w, residual, norm_weight, RMS_NORM)
+        and cache_layout_ok(k_cache)
+        and cache_layout_ok(v_cache)
+        and use_cuda_kernel("decode_gemv_rope_cache", x, k_cache, v_cache)
+    ):  # the two ops it fuses, each on its own kernel where that applies
+        y, h = _decode_gemv_cuda(x, w, residual, norm_weight, eps, RMS_NORM)
+        return rope_kv_cache_op(y.view(b, s, -1), rot_pairs, positions, k_cache, v_cache, n_heads), h
+    rot_pairs, positions = rot_pairs.contiguous(), positions.contiguous()
+    q = torch.empty((b, s, n_heads, d), dtype=x.dtype, device=x.device)
+    h = torch.empty((m, k) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    kernel("decode_gemv_rope_cache")(
+        ptr(x), x.stride(0), ptr(residual), ptr(norm_weight), ptr(h) if residual is not None else 0, float(eps),
+        ptr(w), m, k, ptr(rot_pairs), ptr(positions), ptr(q), ptr(k_cache), ptr(v_cache), s, n_heads, hkv, d,
+        k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        DTYPE_CODES[x.dtype], sm_count(x.device.index), stream(x),
+    )  # fmt: skip
+    return q, h
+
+
+@decode_qkv_rope_cache.register_fake
+def _(x, w, residual, norm_weight, eps, rot_pairs, positions, k_cache, v_cache, n_heads):
+    h_shape = tuple(x.shape) if residual is not None else (0,)
+    return x.new_empty((*positions.shape, n_heads, k_cache.shape[3])), x.new_empty(h_shape)
+
+
+def rms_norm_qkv_rope_cache(
+    x: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    wqkv: Tensor,
+    rot: Tensor,
+    positions: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The attention input of a decode step: rms_norm, the fused [wq; wk; wv] projection, RoPE on q and k, and k and
+    v appended to the KV cache, in one kernel for up to 4 tokens (no qkv tensor is written). Same values as
+    `rms_norm_linear` followed by `rope_kv_cache` (bit for bit on the GPU), which is what runs otherwise.
+
+    Args:
+        x: [B, S, K] (with `residual`: the branch output not yet added to the stream).
+        norm_weight, eps: the attention norm's.
+        wqkv: [(n_heads + 2 Hkv) D, K], the stacked wq; wk; wv.
+        rot, positions, k_cache, v_cache, n_heads: as `rope_kv_cache`.
+        residual: [B, S, K] or None.
+    Returns:
+        (q [B, S, Hq, D] rotated, h): h is the updated residual stream x + residual, or x without a residual.
+    Raises:
+        TypeError / ValueError naming the offending argument (on the GPU, positions outside [0, L) give NaN q and
+        no cache write, as `rope_kv_cache`).
+    """
+    if isinstance(x, Tensor) and x.dim() != 3:
+        raise ValueError(f"x: expected [B, S, K], got shape {tuple(x.shape)}")
+    _check_norm_input(x, norm_weight, wqkv, residual)
+    check_cache_args("wqkv", x, wqkv.shape[0], rot, positions, k_cache, v_cache, n_heads)
+    if not _fused(x, norm_weight, wqkv, residual):
+        qkv, h = rms_norm_linear(x, norm_weight, eps, wqkv, residual)
+        return rope_kv_cache(qkv, rot, positions, k_cache, v_cache, n_heads), h
+    r2 = rows_view("residual", residual).contiguous() if residual is not None else None
+    rot_pairs = torch.view_as_real(rot.resolve_conj() if rot.is_conj() else rot)
+    q, h = decode_qkv_rope_cache(
+        rows_view("x", x), wqkv, r2, norm_weight, float(eps), rot_pairs, positions, k_cache, v_cache, n_heads
+    )
+    return q, (h.view(x.shape) if residual is not None else x)

@@ -158,6 +158,34 @@ def _(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], n_heads, k_cache.shape[3]))
 
 
+def check_cache_args(
+    name: str, x: Tensor, width: int, rot: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int
+) -> None:
+    """rope_kv_cache's arguments around x [B, S, ...] (qkv, or the fused op's input) whose projection has `width`
+    = (n_heads + 2 Hkv) D columns: dtypes, shapes, devices, and on the CPU the positions' range."""
+    check_tensor("k_cache", k_cache, dtypes=(x.dtype,), ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=(x.dtype,), ndim=4)
+    check_tensor("rot", rot, dtypes=(torch.complex64,), ndim=3)
+    check_tensor("positions", positions, dtypes=(torch.int64,), ndim=2)
+    b, s = x.shape[:2]
+    bmax, length, hkv, d = k_cache.shape
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        raise ValueError(f"n_heads: expected a positive int, got {n_heads!r}")
+    if d % 2 or width != (n_heads + 2 * hkv) * d:
+        raise ValueError(f"{name}: expected (n_heads + 2 Hkv) * D = {(n_heads + 2 * hkv) * d} projection columns "
+                         f"with an even D (Hkv={hkv}, D={d} from k_cache), got {width}")  # fmt: skip
+    if bmax < b:
+        raise ValueError(f"k_cache: expected at least {b} rows (the batch), got shape {tuple(k_cache.shape)}")
+    check_shape("rot", rot, (b, s, d // 2))
+    check_shape("positions", positions, (b, s))
+    check_same_device(**{name: x}, rot=rot, positions=positions, k_cache=k_cache, v_cache=v_cache)
+    if positions.device.type == "cpu" and positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= length:
+            raise ValueError(f"positions: values must lie in [0, {length}) (the cache length), got [{lo}, {hi}]")
+
+
 def rope_kv_cache(
     qkv: Tensor, rot: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int
 ) -> Tensor:
@@ -178,26 +206,6 @@ def rope_kv_cache(
         and its q is NaN.
     """
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
-    check_tensor("k_cache", k_cache, dtypes=(qkv.dtype,), ndim=4)
-    check_tensor("v_cache", v_cache, dtypes=(qkv.dtype,), ndim=4)
-    check_tensor("rot", rot, dtypes=(torch.complex64,), ndim=3)
-    check_tensor("positions", positions, dtypes=(torch.int64,), ndim=2)
     check_last_dim_contiguous("qkv", qkv)
-    b, s, n = qkv.shape
-    bmax, length, hkv, d = k_cache.shape
-    check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    if not isinstance(n_heads, int) or n_heads <= 0:
-        raise ValueError(f"n_heads: expected a positive int, got {n_heads!r}")
-    if d % 2 or n != (n_heads + 2 * hkv) * d:
-        raise ValueError(f"qkv: expected last dim (n_heads + 2 Hkv) * D = {(n_heads + 2 * hkv) * d} with an even D "
-                         f"(Hkv={hkv}, D={d} from k_cache), got shape {tuple(qkv.shape)}")  # fmt: skip
-    if bmax < b:
-        raise ValueError(f"k_cache: expected at least {b} rows (the batch), got shape {tuple(k_cache.shape)}")
-    check_shape("rot", rot, (b, s, d // 2))
-    check_shape("positions", positions, (b, s))
-    check_same_device(qkv=qkv, rot=rot, positions=positions, k_cache=k_cache, v_cache=v_cache)
-    if positions.device.type == "cpu" and positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= length:
-            raise ValueError(f"positions: values must lie in [0, {length}) (the cache length), got [{lo}, {hi}]")
+    check_cache_args("qkv", qkv, qkv.shape[-1], rot, positions, k_cache, v_cache, n_heads)
     return rope_kv_cache_op(qkv, torch.view_as_real(rot), positions, k_cache, v_cache, n_heads)
