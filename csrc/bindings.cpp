@@ -64,12 +64,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_seqlen"), py::arg("max_seqlen_k"), py::arg("total_q_or_S"), py::arg("total_k_or_Sk"),
         py::arg("hq"), py::arg("hkv"), py::arg("d"), py::arg("causal"), py::arg("softmax_scale"),
         py::arg("deterministic"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
-  m.def("decode_attn", &l3k::decode_attn, "KV-cache decode attention, split-KV with a combine step",
+  m.def("decode_attn", &l3k::decode_attn,
+        "KV-cache decode attention, split-KV merged in a cluster's shared memory or by a combine kernel",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"),
-        py::arg("o_accum"), py::arg("lse_accum"), py::arg("num_splits"), py::arg("B"), py::arg("Sq"), py::arg("Hq"),
-        py::arg("Hkv"), py::arg("D"), py::arg("L"), py::arg("k_stride_b"), py::arg("k_stride_l"),
-        py::arg("v_stride_b"), py::arg("v_stride_l"), py::arg("softmax_scale"), py::arg("dtype"), py::arg("num_sms"),
-        py::arg("stream"));
+        py::arg("o_accum"), py::arg("lse_accum"), py::arg("num_splits"), py::arg("cluster"), py::arg("B"),
+        py::arg("Sq"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("L"), py::arg("k_stride_b"),
+        py::arg("k_stride_l"), py::arg("v_stride_b"), py::arg("v_stride_l"), py::arg("softmax_scale"),
+        py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
+  m.def("decode_attn_max_cluster", &l3k::decode_attn_max_cluster,
+        "the most decode splits one thread-block cluster can hold on this device (1: none)", py::arg("d"),
+        py::arg("dtype"), py::arg("rows_per_kv_head"));
   m.def("rope_kv_cache", &l3k::rope_kv_cache, "RoPE on q and k of a fused qkv, k and v appended to a KV cache",
         py::arg("qkv"), py::arg("qkv_row_stride"), py::arg("rot"), py::arg("positions"), py::arg("q_out"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("tokens"), py::arg("S"), py::arg("hq"), py::arg("hkv"),

@@ -47,13 +47,19 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
                     float softmax_scale, bool deterministic, int dtype, int num_sms, std::uintptr_t stream);
 
 // q [B,Sq,Hq,D] contiguous against caches [B,L,Hkv,D] (strides in elements, unit stride in D) with int32
-// cache_seqlens [B]. num_splits > 1 splits each cache over CTAs (flash-decoding) and needs fp32 workspaces
-// o_accum [num_splits,B,Sq,Hq,D] and lse_accum [num_splits,B,Sq,Hq]; with 1 split they may be 0.
+// cache_seqlens [B]. num_splits > 1 splits each cache over CTAs (flash-decoding). With `cluster` the splits run as
+// one thread-block cluster and merge in distributed shared memory (num_splits <= decode_attn_max_cluster(...));
+// otherwise they need fp32 workspaces o_accum [num_splits,B,Sq,Hq,D] and lse_accum [num_splits,B,Sq,Hq] and a
+// combine kernel; with 1 split or a cluster they may be 0.
 void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t cache_seqlens,
-                 std::uintptr_t out, std::uintptr_t o_accum, std::uintptr_t lse_accum, int num_splits, int B, int Sq,
-                 int Hq, int Hkv, int D, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
+                 std::uintptr_t out, std::uintptr_t o_accum, std::uintptr_t lse_accum, int num_splits, bool cluster,
+                 int B, int Sq, int Hq, int Hkv, int D, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
                  std::int64_t v_stride_b, std::int64_t v_stride_l, float softmax_scale, int dtype, int num_sms,
                  std::uintptr_t stream);
+
+// The most splits (16, 8, 4, 2; 1: no cluster) decode_attn can run as one cluster on the current device, for its
+// head dim, dtype and rows per KV head (Sq times the query heads of a group).
+int decode_attn_max_cluster(int d, int dtype, int rows_per_kv_head);
 
 // RoPE for training: x [tokens, heads, d] (token stride x_row_stride, heads dense) rotated pairwise by rot
 // [tokens, d/2] fp32 (cos, sin), or by the conjugate rotation when `inverse` (the backward), into out dense.

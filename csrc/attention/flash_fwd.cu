@@ -9,15 +9,21 @@
 // exp2, and accumulates O += P V with P taken straight from the S registers. Causal tiles past the
 // diagonal are never loaded. GQA maps query head h to KV head h / (Hq / Hkv); K/V are never repeated.
 // Decode folds the query heads of one KV group (and the Sq new tokens) into the rows of one CTA and splits
-// the cache over CTAs; a combine kernel merges the partial results by their log-sum-exp.
+// the cache over CTAs. The partial results merge by their log-sum-exp: inside the kernel when the splits of a
+// (sequence, KV head, row block) run as one thread-block cluster (sm_90, up to 16 CTAs): each CTA leaves its
+// partials in its own shared memory, and after a cluster barrier each combines a share of the rows by reading
+// its peers' shared memory (no fp32 workspace round trip, no second kernel in the decode step); otherwise
+// through fp32 workspaces and a combine kernel. Both merge in the same order: the same bits.
 // Next step for speed: the Hopper version (TMA loads, wgmma, warp-specialized producer/consumer
 // warpgroups, persistent longest-first scheduling) behind the same launcher.
 //
 // Sample: python -c "import torch, llama3_kernels as l; q=torch.randn(2,1000,32,128,device='cuda',
 //         dtype=torch.bfloat16); k=torch.randn(2,1000,8,128,device='cuda',dtype=torch.bfloat16);
 //         print(l.ops.attention.flash_attention(q,k,k).shape)"
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <string>
 
 #include "attention/attention.h"
@@ -37,17 +43,17 @@ constexpr int kFwdThreads = 32 * kFwdWarps;
 // same 16 rows and each takes its own quarter of every key tile, keeping its own online-softmax state; the
 // states merge once at the end. With rows split across warps instead, one warp did all the math of a 64-key
 // tile (128 mma for 4 live rows) while three idled: B=16 L=8192 reached 2.4 TB/s against SDPA's 3.9.
-template <int MT_, int BN_, bool WarpKeys_ = false>
+template <int MT_, int BN_, bool WarpKeys_ = false, bool Decode_ = false>
 struct FwdTile {
   static constexpr int MT = MT_, BN = BN_;
-  static constexpr bool kWarpKeys = WarpKeys_;
+  static constexpr bool kWarpKeys = WarpKeys_, kDecode = Decode_;
   static constexpr int BM = 16 * MT_ * (WarpKeys_ ? 1 : kFwdWarps);  // query rows per CTA
   static constexpr int KW = WarpKeys_ ? BN_ / kFwdWarps : BN_;       // keys of a tile each warp handles
 };
 template <int D>
 using PrefillTile = FwdTile<2, D == 128 ? 32 : 64>;
-using DecodeTile = FwdTile<1, 64>;
-using DecodeWarpKeysTile = FwdTile<1, 64, true>;
+using DecodeTile = FwdTile<1, 64, false, true>;
+using DecodeWarpKeysTile = FwdTile<1, 64, true, true>;
 static_assert(DecodeWarpKeysTile::KW == 16, "each warp's key slice is one 16-key mma step");
 
 struct FwdParams {
@@ -73,9 +79,45 @@ struct FwdParams {
   int blocks_per_split;     // decode: key tiles per split (grid.x = splits)
   bool decode;
   bool warp_keys;           // decode with <= 16 rows a KV head: DecodeWarpKeysTile
+  bool cluster_combine;     // decode: the splits (grid.x) are one cluster and merge in shared memory
   bool causal;
   float scale, scale_log2;
 };
+
+// The cluster merge of a decode CTA's rows [0, live_rows): called by every thread of every CTA of the cluster (the
+// splits of one sequence, KV head and row block), after each wrote its partials to part_o / part_lse. Rank c
+// merges rows c, c + splits, ..., a warp a row, in combine_splits_kernel's order, reading its peers' partials
+// through distributed shared memory; q_index(r) is row r's (token, head) row of out.
+template <typename T, int D, class RowIndex>
+__device__ __forceinline__ void merge_in_cluster(const FwdParams& p, const float* part_o, const float* part_lse,
+                                                 int live_rows, RowIndex q_index) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  cluster.sync();  // the partials are written (release / acquire across the cluster)
+  constexpr int kPerLane = D / 32;
+  for (int r = rank + splits * warp; r < live_rows; r += splits * kFwdWarps) {
+    float mx = -kInf;
+    for (int sp = 0; sp < splits; ++sp) mx = fmaxf(mx, *cluster.map_shared_rank(part_lse + r, sp));
+    float acc[kPerLane] = {};
+    float wsum = 0.f;
+    if (mx != -kInf) {
+      for (int sp = 0; sp < splits; ++sp) {
+        const float w = expf(*cluster.map_shared_rank(part_lse + r, sp) - mx);  // exp(-inf) = 0: an empty split
+        wsum += w;
+        const float* src = cluster.map_shared_rank(part_o + r * D, sp) + lane * kPerLane;
+#pragma unroll
+        for (int e = 0; e < kPerLane; ++e) acc[e] += w * src[e];
+      }
+    }
+    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    T* dst = static_cast<T*>(p.out) + q_index(r) * D + lane * kPerLane;
+#pragma unroll
+    for (int e = 0; e < kPerLane; e += 2) store2(dst + e, acc[e] * inv, acc[e + 1] * inv);
+  }
+  cluster.sync();  // no CTA leaves (and frees its shared memory) while a peer may still read it
+}
 
 template <typename T, int D, class Tile>
 __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams p) {
@@ -244,9 +286,8 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
         for (int e = 0; e < 4; ++e) mine[4 + 4 * j + e] = o[0][j][e];
     }
     __syncthreads();
-    if (warp > 0) return;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < 2 && warp == 0; ++h) {  // (the other warps stay: a cluster merge needs every thread)
       float mx = row_max[0][h];
       for (int w = 0; w < kFwdWarps - 1; ++w) mx = fmaxf(mx, slots[(w * 32 + lane) * kSlot + h]);
       // weight of a state = exp2(scale·(its max − the merged max)); a state that saw no key (max −inf) weighs 0
@@ -268,36 +309,50 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
       row_max[0][h] = mx;
     }
   }
-  if (!warp_active) return;
+  // Cluster merge: this CTA's normalized partial O [BM][D] and lse [BM] go to its own shared memory (the V ring
+  // and the Q tile, free once every warp is past the last tile; the WarpKeys merge above used the K ring).
+  constexpr bool kCluster = Tile::kDecode;  // compiled into the decode tiles only; p.cluster_combine picks it
+  float* part_o = reinterpret_cast<float*>(sV);
+  float* part_lse = reinterpret_cast<float*>(sQ);
+  static_assert(!kCluster || BM * D * 4 <= 2 * BN * D * int(sizeof(T)), "the partials fit in the V ring");
+  const bool cluster_combine = kCluster && p.cluster_combine;
+  if (cluster_combine) __syncthreads();
+  if (warp_active && (!WK || warp == 0)) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float l = quad_sum(row_sum[mt][h]);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float lse = l > 0.f ? row_max[mt][h] * p.scale + logf(l) : -kInf;
-      const int r = warp_row0 + 16 * mt + g + 8 * h;
-      if (m0 + r >= rows) continue;
-      const int64_t q_index = int64_t(q_tok0 + row_token(r)) * p.hq + row_head(r);  // token-major (token, head)
-      if (p.o_accum) {
-        float* dst = p.o_accum + (split * p.rows_total + q_index) * D;
+      for (int h = 0; h < 2; ++h) {
+        const float l = quad_sum(row_sum[mt][h]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse = l > 0.f ? row_max[mt][h] * p.scale + logf(l) : -kInf;
+        const int r = warp_row0 + 16 * mt + g + 8 * h;
+        if (m0 + r >= rows) continue;
+        const int64_t q_index = int64_t(q_tok0 + row_token(r)) * p.hq + row_head(r);  // token-major (token, head)
+        if (cluster_combine || p.o_accum) {
+          float* dst = cluster_combine ? part_o + r * D : p.o_accum + (split * p.rows_total + q_index) * D;
 #pragma unroll
-        for (int j = 0; j < DT; ++j)
-          *reinterpret_cast<float2*>(dst + j * 8 + 2 * t) =
-              make_float2(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
-        if (t == 0) p.lse_accum[split * p.rows_total + q_index] = lse;
-      } else {
-        T* dst = static_cast<T*>(p.out) + q_index * D;  // q_row_stride == Hq * D
+          for (int j = 0; j < DT; ++j)
+            *reinterpret_cast<float2*>(dst + j * 8 + 2 * t) =
+                make_float2(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+          if (t == 0) (cluster_combine ? part_lse[r] : p.lse_accum[split * p.rows_total + q_index]) = lse;
+        } else {
+          T* dst = static_cast<T*>(p.out) + q_index * D;  // q_row_stride == Hq * D
 #pragma unroll
-        for (int j = 0; j < DT; ++j) store2(dst + j * 8 + 2 * t, o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
-        if (t == 0 && p.lse) {
-          const int tok = row_token(r), head = row_head(r);
-          const int64_t li = p.cu_q ? int64_t(head) * p.total_q + q_tok0 + tok
-                                    : (int64_t(b) * p.hq + head) * p.seqlen_q + tok;
-          p.lse[li] = lse;
+          for (int j = 0; j < DT; ++j) store2(dst + j * 8 + 2 * t, o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+          if (t == 0 && p.lse) {
+            const int tok = row_token(r), head = row_head(r);
+            const int64_t li = p.cu_q ? int64_t(head) * p.total_q + q_tok0 + tok
+                                      : (int64_t(b) * p.hq + head) * p.seqlen_q + tok;
+            p.lse[li] = lse;
+          }
         }
       }
-    }
+  }
+  if constexpr (kCluster) {
+    if (cluster_combine) merge_in_cluster<T, D>(p, part_o, part_lse, min(BM, rows - m0), [&](int r) {
+      return int64_t(q_tok0 + row_token(r)) * p.hq + row_head(r);
+    });
+  }
 }
 
 // Merges split-KV partials: out = Σ_s exp(lse_s - lse) O_s with lse = log Σ_s exp(lse_s). One warp per row.
@@ -330,20 +385,60 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const float* o_accu
 }
 
 template <typename T, int D, class Tile>
-void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = (Tile::BM + 4 * Tile::BN) * D * int(sizeof(T));  // Q + 2 stages of K and V
+constexpr int fwd_smem() {
+  return (Tile::BM + 4 * Tile::BN) * D * int(sizeof(T));  // Q + 2 stages of K and V
+}
+
+// The attributes a launch needs: the shared memory opt-in, and for decode clusters above 8 CTAs the non-portable
+// size (H100: 16 fit one GPC).
+template <typename T, int D, class Tile>
+void set_fwd_attributes() {
   auto kernel = flash_fwd_kernel<T, D, Tile>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd_smem<T, D, Tile>()),
              "flash_fwd: cudaFuncSetAttribute");
-  if (p.decode) launch_pdl(kernel, grid, dim3(kFwdThreads), smem, stream, p);
+  if (Tile::kDecode)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+               "flash_fwd: non-portable cluster size");
+}
+
+template <typename T, int D, class Tile>
+void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
+  auto kernel = flash_fwd_kernel<T, D, Tile>;
+  set_fwd_attributes<T, D, Tile>();
+  constexpr int smem = fwd_smem<T, D, Tile>();
+  if (p.decode) launch_pdl(kernel, grid, dim3(kFwdThreads), smem, stream, p.cluster_combine ? grid.x : 1u, p);
   else kernel<<<grid, kFwdThreads, smem, stream>>>(p);
   L3K_CHECK_LAUNCH("flash_fwd_kernel");
+}
+
+// The largest cluster (16, 8, 4 or 2 CTAs; 1: none) of this decode kernel the device can co-schedule.
+template <typename T, int D, class Tile>
+int max_decode_cluster() {
+  set_fwd_attributes<T, D, Tile>();
+  for (unsigned c : {16u, 8u, 4u, 2u}) {
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = c;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(c);
+    config.blockDim = dim3(kFwdThreads);
+    config.dynamicSmemBytes = fwd_smem<T, D, Tile>();
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, flash_fwd_kernel<T, D, Tile>, &config) == cudaSuccess &&
+        clusters > 0)
+      return int(c);
+    (void)cudaGetLastError();  // a size the device rejects sets the last error: clear it
+  }
+  return 1;
 }
 
 template <typename T, int D>
 void launch_combine(const FwdParams& p, int num_splits, cudaStream_t stream) {
   const int64_t blocks = (p.rows_total + 3) / 4;
-  launch_pdl(combine_splits_kernel<T, D>, dim3(unsigned(blocks)), dim3(128), 0, stream, p.o_accum, p.lse_accum,
+  launch_pdl(combine_splits_kernel<T, D>, dim3(unsigned(blocks)), dim3(128), 0, stream, 1u, p.o_accum, p.lse_accum,
              static_cast<T*>(p.out), num_splits, p.rows_total);
   L3K_CHECK_LAUNCH("combine_splits_kernel");
 }
@@ -426,8 +521,8 @@ void flash_attn_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
 }
 
 void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t cache_seqlens,
-                 std::uintptr_t out, std::uintptr_t o_accum, std::uintptr_t lse_accum, int num_splits, int B, int Sq,
-                 int Hq, int Hkv, int D, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
+                 std::uintptr_t out, std::uintptr_t o_accum, std::uintptr_t lse_accum, int num_splits, bool cluster,
+                 int B, int Sq, int Hq, int Hkv, int D, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
                  std::int64_t v_stride_b, std::int64_t v_stride_l, float softmax_scale, int dtype, int num_sms,
                  std::uintptr_t stream) {
   using namespace attn;
@@ -438,8 +533,11 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
   require(k_stride_l % 8 == 0 && k_stride_b % 8 == 0 && v_stride_l % 8 == 0 && v_stride_b % 8 == 0, "k_cache",
           "cache strides must be multiples of 8 elements (16-byte rows)");
   if (B == 0 || Sq == 0 || L == 0) return;
+  cluster = cluster && num_splits > 1;
+  require(!cluster || num_splits <= 16, "num_splits", "a cluster merge takes at most 16 splits, got " +
+                                                          std::to_string(num_splits));
   // checked after the early return: empty workspaces (no rows) have null pointers
-  require(num_splits == 1 || (o_accum && lse_accum), "o_accum", "split-KV needs both partial workspaces");
+  require(num_splits == 1 || cluster || (o_accum && lse_accum), "o_accum", "split-KV needs both partial workspaces");
   FwdParams p{};
   p.q = as_ptr<const void>(q);
   p.k = as_ptr<const void>(k_cache);
@@ -461,10 +559,11 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
   p.num_m_blocks = cdiv(Sq * p.group, p.warp_keys ? DecodeWarpKeysTile::BM : DecodeTile::BM);
   p.blocks_per_split = cdiv(cdiv(L, DecodeTile::BN), num_splits);
   p.decode = true;
+  p.cluster_combine = cluster;
   p.causal = true;
   p.scale = softmax_scale;
   p.scale_log2 = softmax_scale * kLog2e;
-  if (num_splits > 1) {
+  if (num_splits > 1 && !cluster) {
     p.o_accum = as_ptr<float>(o_accum);
     p.lse_accum = as_ptr<float>(lse_accum);
   }
@@ -472,7 +571,22 @@ void decode_attn(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cach
   const DType dt = to_dtype(dtype, "dtype");
   const dim3 grid(num_splits, Hkv * p.num_m_blocks, B);
   dispatch<RunFwd>(dt, D, p, grid, as_stream(stream));
-  if (num_splits > 1) dispatch<RunCombine>(dt, D, p, num_splits, as_stream(stream));
+  if (num_splits > 1 && !cluster) dispatch<RunCombine>(dt, D, p, num_splits, as_stream(stream));
+}
+
+int decode_attn_max_cluster(int d, int dtype, int rows_per_kv_head) {
+  using namespace attn;
+  check_common(dtype, d, 1, 1);
+  require(rows_per_kv_head >= 1, "rows_per_kv_head", "expected >= 1, got " + std::to_string(rows_per_kv_head));
+  const bool warp_keys = rows_per_kv_head <= DecodeWarpKeysTile::BM;
+  const bool bf16 = to_dtype(dtype, "dtype") == DType::BF16;
+  if (bf16 && d == 128) return warp_keys ? max_decode_cluster<__nv_bfloat16, 128, DecodeWarpKeysTile>()
+                                         : max_decode_cluster<__nv_bfloat16, 128, DecodeTile>();
+  if (bf16) return warp_keys ? max_decode_cluster<__nv_bfloat16, 64, DecodeWarpKeysTile>()
+                             : max_decode_cluster<__nv_bfloat16, 64, DecodeTile>();
+  if (d == 128) return warp_keys ? max_decode_cluster<__half, 128, DecodeWarpKeysTile>()
+                                 : max_decode_cluster<__half, 128, DecodeTile>();
+  return warp_keys ? max_decode_cluster<__half, 64, DecodeWarpKeysTile>() : max_decode_cluster<__half, 64, DecodeTile>();
 }
 
 }  // namespace l3k

@@ -158,8 +158,8 @@ void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr
   p.d = d;
   p.L = L;
   const cudaStream_t s = as_stream(stream);
-  if (dt == DType::BF16) launch_pdl(rope_kv_cache_kernel<__nv_bfloat16>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, p);
-  else launch_pdl(rope_kv_cache_kernel<__half>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, p);
+  if (dt == DType::BF16) launch_pdl(rope_kv_cache_kernel<__nv_bfloat16>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, 1u, p);
+  else launch_pdl(rope_kv_cache_kernel<__half>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, 1u, p);
   L3K_CHECK_LAUNCH("rope_kv_cache_kernel");
 }
 

@@ -290,7 +290,7 @@ void launch(const Params& p, int num_sms, cudaStream_t stream) {
   }
   const int blocks = (p.n + kRowsPerCta - 1) / kRowsPerCta;
   const dim3 grid(norm::resident_grid(kernel, kThreads, smem, blocks, num_sms));
-  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, p);
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, 1u, p);
   L3K_CHECK_LAUNCH("decode_gemv_kernel");
 }
 

@@ -88,8 +88,9 @@ def is_sm90(device_index: int) -> bool:
 
 
 def switched_off(switch: str) -> bool:
-    """A default kernel turned off by its switch set to "0" (L3K_DECODE_GEMV, L3K_CROSS_ENTROPY, L3K_ROPE), e.g. by
-    bench/device_check.sh when its tests fail on a new device: the op then runs its reference or unfused path.
+    """A default kernel turned off by its switch set to "0" (L3K_DECODE_GEMV, L3K_DECODE_CLUSTER, L3K_CROSS_ENTROPY,
+    L3K_ROPE), e.g. by bench/device_check.sh when its tests fail on a new device: the op then runs its reference,
+    unfused or former path.
     Read at every call, so tests and benches can flip it."""
     return os.environ.get(switch) == "0"
 

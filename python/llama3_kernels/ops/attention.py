@@ -6,6 +6,7 @@ with int32 `cu_seqlens` [num_seqs + 1]. K/V heads are shared by Hq / Hkv query h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,7 @@ from llama3_kernels.ops._common import (
     ptr,
     sm_count,
     stream,
+    switched_off,
     use_cuda_kernel,
 )
 
@@ -166,15 +168,25 @@ def cache_layout_ok(cache: Tensor) -> bool:
     )
 
 
-def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int) -> int:
+def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int, max_cluster: int = 1) -> int:
     """Split-KV count: enough CTAs for about two waves, at least 64 keys per split.
 
     The decode kernel's CTA covers 64 query rows (the Sq new tokens times the query heads of one KV group) and
-    streams 64-key tiles; one split per CTA once the batch alone fills the GPU.
+    streams 64-key tiles; one split per CTA once the batch alone fills the GPU. With max_cluster > 1 the splits merge
+    inside one thread-block cluster, which holds at most that many: the count is capped there (one wave of CTAs
+    for a batch-1 step of a model with 8 KV heads and 16-CTA clusters).
     """
     ctas = batch * hkv * -(-rows // 64)
     tiles = -(-cache_len // 64)
-    return max(1, min(tiles, -(-2 * num_sms // max(ctas, 1)), 128))
+    splits = max(1, min(tiles, -(-2 * num_sms // max(ctas, 1)), 128))
+    return min(splits, max_cluster) if max_cluster > 1 else splits
+
+
+@functools.cache
+def _max_cluster(device_index: int, d: int, dtype_code: int, rows: int) -> int:
+    """The most splits one cluster of the decode kernel holds on this device (the launcher asks the occupancy API)."""
+    with torch.cuda.device(device_index):
+        return kernel("decode_attn_max_cluster")(d, dtype_code, rows)
 
 
 @decode_attn.register_kernel("cuda")
@@ -187,14 +199,18 @@ def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     b, sq, hq, d = q.shape
     hkv, cache_len = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
-    splits = _decode_splits(b, sq * (hq // hkv), hkv, cache_len, sm_count(q.device.index))
+    rows, dev = sq * (hq // hkv), q.device.index
+    # L3K_DECODE_CLUSTER=0: merge the splits through fp32 workspaces and a combine kernel instead
+    max_cluster = 1 if switched_off("L3K_DECODE_CLUSTER") else _max_cluster(dev, d, DTYPE_CODES[q.dtype], rows)
+    splits = _decode_splits(b, rows, hkv, cache_len, sm_count(dev), max_cluster)
+    cluster = 1 < splits <= max_cluster
     o_accum = lse_accum = None
-    if splits > 1:  # per-split partial outputs and log-sum-exps, merged by the combine kernel
+    if splits > 1 and not cluster:  # per-split partial outputs and log-sum-exps, merged by the combine kernel
         o_accum = torch.empty((splits, b, sq, hq, d), dtype=torch.float32, device=q.device)
         lse_accum = torch.empty((splits, b, sq, hq), dtype=torch.float32, device=q.device)
     kernel("decode_attn")(
         ptr(q), ptr(k_cache), ptr(v_cache), ptr(cache_seqlens), ptr(out), ptr(o_accum), ptr(lse_accum), splits,
-        b, sq, hq, hkv, d,
+        cluster, b, sq, hq, hkv, d,
         k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         float(softmax_scale), DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
     )  # fmt: skip
