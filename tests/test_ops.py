@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import llama3_kernels as l3k
 from llama3_kernels import reference
-from llama3_kernels.ops.attention import decode_attn, flash_attn_bwd, flash_attn_fwd
+from llama3_kernels.ops.attention import _decode_splits, decode_attn, flash_attn_bwd, flash_attn_fwd
 from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
 from llama3_kernels.ops.linear import decode_gemv, decode_qkv_rope_cache
 from llama3_kernels.ops.loss import cross_entropy_bwd, cross_entropy_fwd
@@ -493,6 +493,23 @@ def test_decode_attention_bad_inputs(kwargs, exc, name):
     args.update(kwargs)
     with pytest.raises(exc, match=rf"^{name}:"):
         l3k.decode_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        ((1, 4, 8, 4096, 132, 16), (16, True)),  # the 1B's batch-1 step: 33 splits capped at one 16-CTA cluster
+        ((1, 4, 8, 4096, 132, 1), (33, False)),  # no cluster (L3K_DECODE_CLUSTER=0, or none fits): combine kernel
+        ((1, 4, 8, 131072, 132, 16), (33, False)),  # capped, a split would stream 128 tiles: combine kernel
+        ((1, 4, 8, 16384, 132, 16), (16, True)),  # 256 tiles: 16 a split, the most a capped split takes
+        ((1, 4, 8, 16448, 132, 16), (33, False)),  # 257 tiles: one more
+        ((16, 4, 8, 8192, 132, 16), (3, True)),  # the batch fills the GPU: 3 splits, one cluster each
+        ((1, 4, 8, 64, 132, 16), (1, False)),  # one tile: nothing to split
+        ((2, 100, 2, 1000, 132, 8), (8, True)),  # rows-split tile: 2 row blocks a KV head, 16 tiles / 8
+    ],
+)
+def test_decode_splits(args, want):
+    assert _decode_splits(*args) == want
 
 
 # --------------------------------------------------------------------------------------- rope + cache

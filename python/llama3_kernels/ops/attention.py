@@ -168,18 +168,30 @@ def cache_layout_ok(cache: Tensor) -> bool:
     )
 
 
-def _decode_splits(batch: int, rows: int, hkv: int, cache_len: int, num_sms: int, max_cluster: int = 1) -> int:
-    """Split-KV count: enough CTAs for about two waves, at least 64 keys per split.
+CLUSTER_MAX_TILES = 16  # key tiles a split may grow to when its count is capped at the cluster size
 
-    The decode kernel's CTA covers 64 query rows (the Sq new tokens times the query heads of one KV group) and
-    streams 64-key tiles; one split per CTA once the batch alone fills the GPU. With max_cluster > 1 the splits merge
-    inside one thread-block cluster, which holds at most that many: the count is capped there (one wave of CTAs
-    for a batch-1 step of a model with 8 KV heads and 16-CTA clusters).
+
+def _decode_splits(
+    batch: int, rows: int, hkv: int, cache_len: int, num_sms: int, max_cluster: int = 1
+) -> tuple[int, bool]:
+    """(split-KV count, whether the splits merge in a cluster).
+
+    The count: enough CTAs for about two waves, at least 64 keys per split. The decode kernel's CTA covers 64 query
+    rows (the Sq new tokens times the query heads of one KV group) and streams 64-key tiles; one split per CTA once
+    the batch alone fills the GPU. A cluster (max_cluster > 1 CTAs) merges the splits without a combine kernel but
+    holds at most max_cluster of them: the count is capped there while that leaves each split at most
+    CLUSTER_MAX_TILES tiles (a batch-1 step of a model with 8 KV heads and a 4096-token cache: 16 splits of 4 tiles,
+    one wave of 128 CTAs instead of two); past that (long caches) the longer chain a CTA would stream costs more
+    than the combine kernel saves, and the splits go through the combine kernel uncapped.
     """
     ctas = batch * hkv * -(-rows // 64)
     tiles = -(-cache_len // 64)
     splits = max(1, min(tiles, -(-2 * num_sms // max(ctas, 1)), 128))
-    return min(splits, max_cluster) if max_cluster > 1 else splits
+    if splits == 1 or max_cluster < 2:
+        return splits, False
+    if splits <= max_cluster or -(-tiles // max_cluster) <= CLUSTER_MAX_TILES:
+        return min(splits, max_cluster), True
+    return splits, False
 
 
 @functools.cache
@@ -202,8 +214,7 @@ def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     rows, dev = sq * (hq // hkv), q.device.index
     # L3K_DECODE_CLUSTER=0: merge the splits through fp32 workspaces and a combine kernel instead
     max_cluster = 1 if switched_off("L3K_DECODE_CLUSTER") else _max_cluster(dev, d, DTYPE_CODES[q.dtype], rows)
-    splits = _decode_splits(b, rows, hkv, cache_len, sm_count(dev), max_cluster)
-    cluster = 1 < splits <= max_cluster
+    splits, cluster = _decode_splits(b, rows, hkv, cache_len, sm_count(dev), max_cluster)
     o_accum = lse_accum = None
     if splits > 1 and not cluster:  # per-split partial outputs and log-sum-exps, merged by the combine kernel
         o_accum = torch.empty((splits, b, sq, hq, d), dtype=torch.float32, device=q.device)
