@@ -168,8 +168,8 @@ def _qkv_rope_cache_case(ctx: Context) -> Case:
         Impl("PyTorch ops + F.linear (cuBLAS) + complex RoPE + index_put", unfused(True)),
     ]
     return Case(FAMILY, "decode_linear", "fwd", f"1B norm+qkv+rope+cache M=1 N={n} K={k}", "bf16", make, impls,
-                bytes=2.0 * (n * k + n) + 6 * k + 2 * n + 4 * d, flops=2.0 * n * k,
-                formula="bytes = 2·(N·K + N) + 6·K (x, residual, norm weight) + 2·N (q, k, v out) + 4·D (angles)",
+                bytes=2.0 * (n * k + n) + 8 * k + 4 * d, flops=2.0 * n * k,
+                formula="bytes = 2·(N·K + N) (weight; q, k, v out) + 8·K (x, residual, norm weight, h) + 4·D (angles)",
                 peak=PEAK_TFLOPS["bf16"], api="rms_norm_qkv_rope_cache")  # fmt: skip
 
 

@@ -120,6 +120,12 @@ def test_public_ops_run_the_kernel_on_strided_rows(gen):
 
 
 # ------------------------------------------------------------------ the q/k/v GEMV with RoPE + KV cache epilogue
+def _need_qkv() -> None:
+    _need()
+    if not has_kernel("decode_gemv_rope_cache"):
+        pytest.skip("_C.decode_gemv_rope_cache was not built")
+
+
 def _qkv_case(b, s, hq, hkv, d, k, length, dtype, gen, residual=True, bad_row=None):
     """Inputs of rms_norm_qkv_rope_cache; positions are distinct slots per row (row `bad_row` one past the cache)."""
     m = b * s
@@ -174,7 +180,7 @@ def test_qkv_rope_cache_epilogue_equals_the_two_kernels(b, s, hq, hkv, d, k, len
     """Bit for bit what decode_gemv + rope_kv_cache write (each checked against fp64 / the reference in its own
     tests): q, h, and every cache slot, written or (NaN-poisoned) left alone. Shapes: the 1B and 8B layers, D = 8
     (a warp's pair spans a whole head's quarter), M = 4 tokens as 2 x 2, 1 x 3 and 4 x 1, SmolLM2's 9/3 heads."""
-    _need()
+    _need_qkv()
     args = _qkv_case(b, s, hq, hkv, d, k, length, dtype, gen, residual)
     fused = _qkv_fused(*args, hq, length, hkv, d)
     unfused = _qkv_unfused(*args, hq, length, hkv, d)
@@ -187,7 +193,7 @@ def test_qkv_rope_cache_epilogue_equals_the_two_kernels(b, s, hq, hkv, d, k, len
 
 def test_qkv_rope_cache_out_of_range_position(gen):
     """A position past the cache: that token's q is NaN and its row writes nothing, as rope_kv_cache does."""
-    _need()
+    _need_qkv()
     b, s, hq, hkv, d, k, length = 2, 2, 4, 2, 64, 256, 16
     args = _qkv_case(b, s, hq, hkv, d, k, length, torch.bfloat16, gen, bad_row=1)
     fused = _qkv_fused(*args, hq, length, hkv, d)
@@ -200,7 +206,7 @@ def test_qkv_rope_cache_out_of_range_position(gen):
 def test_qkv_rope_cache_op_is_one_kernel(gen, monkeypatch):
     """The public op runs the fused kernel alone (no rope_kv_cache launch); L3K_DECODE_GEMV=0 runs the unfused
     ops instead, with the same values."""
-    _need()
+    _need_qkv()
     b, s, hq, hkv, d, k, length = 1, 1, 32, 8, 64, 2048, 64
     x, w, res, g, rot, positions = _qkv_case(b, s, hq, hkv, d, k, length, torch.bfloat16, gen)
     x3, r3 = x.view(b, s, k), res.view(b, s, k)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import llama3_kernels as l3k
 from llama3_kernels import reference
+from llama3_kernels.ops._common import has_kernel, kernel
 from llama3_kernels.ops.attention import _decode_splits, decode_attn, flash_attn_bwd, flash_attn_fwd
 from llama3_kernels.ops.gemm import fp8_rowwise_mm_fwd
 from llama3_kernels.ops.linear import decode_gemv, decode_qkv_rope_cache
@@ -658,6 +659,46 @@ def test_rms_norm_qkv_rope_cache_is_its_two_ops(gen, b, s, dtype, with_residual)
     want_qkv = _norm_then_linear(x, g, 1e-5, w, r)[0].double()
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     assert_close(q.double(), reference.rope_kv_cache(want_qkv, rot, positions, kc2.double(), vc2.double(), 4), **tol)
+
+
+_F = 16 * 1024  # a fake, aligned, nonzero address: the launcher rejects each call below before any CUDA call
+_QKV_LAUNCH = dict(x=_F, x_stride=256, residual=0, norm_w=_F, h_out=0, eps=1e-5, w=_F, m=2, k=256, rot=_F,
+                   positions=_F, q_out=_F, k_cache=_F, v_cache=_F, S=1, hq=4, hkv=2, d=64, L=16, k_stride_b=2048,
+                   k_stride_l=128, v_stride_b=2048, v_stride_l=128, dtype=2, num_sms=8, stream=0)  # fmt: skip
+
+
+@pytest.mark.skipif(not has_kernel("decode_gemv_rope_cache"), reason="_C without decode_gemv_rope_cache")
+@pytest.mark.parametrize(
+    "change,arg",
+    [
+        (dict(d=63), "d"), (dict(hkv=0), "hkv"), (dict(S=3), "S"), (dict(L=0), "L"), (dict(q_out=0), "q_out"),
+        (dict(positions=0), "positions"), (dict(rot=_F + 4), "rot"), (dict(m=5), "M"), (dict(k=12), "K"),
+        (dict(norm_w=0), "norm_w"), (dict(dtype=0), "dtype"), (dict(x=0), "x"), (dict(x_stride=100), "x_stride"),
+        (dict(hq=2**31 - 1, hkv=2**30 + 1, d=2), "hq"),  # (hq + 2 hkv) d overflows an int: rejected, not wrapped
+    ],
+)  # fmt: skip
+def test_decode_gemv_rope_cache_launcher_rejects_bad_arguments(change, arg):
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        kernel("decode_gemv_rope_cache")(**{**_QKV_LAUNCH, **change})
+
+
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        (dict(w=torch.ones(40, 24)), "w"),  # too few rows for the caches' heads: the kernel would read past w
+        (dict(positions=torch.zeros(3, 1, dtype=torch.int64)), "positions"),  # more tokens than x has rows
+        (dict(rot_pairs=torch.ones(2, 1, 3, 2)), "rot_pairs"),
+        (dict(v_cache=torch.zeros(3, 10, 2, 4)), "k_cache"),
+    ],
+)
+def test_decode_qkv_rope_cache_op_checks_its_shapes(gen, change, name):
+    """Called directly (not through rms_norm_qkv_rope_cache), the custom op still refuses mismatched shapes."""
+    x, g, w, r, rot, positions, (kc, vc) = qkv_case(gen, 2, 1, torch.float32)
+    args = dict(x=x.view(2, -1), w=w, residual=None, norm_weight=g, eps=1e-5, rot_pairs=torch.view_as_real(rot),
+                positions=positions, k_cache=kc, v_cache=vc, n_heads=4)  # fmt: skip
+    args.update(change)
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        decode_qkv_rope_cache(**args)
 
 
 def test_decode_qkv_rope_cache_opcheck(gen):

@@ -126,7 +126,7 @@ void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr
   require(tokens >= 0 && tokens <= 0x7fffffff, "tokens", "expected 0 <= tokens < 2^31, got " + std::to_string(tokens));
   require(S > 0 && tokens % S == 0, "S", "expected a positive divisor of the token count, got " + std::to_string(S));
   require(L > 0, "L", "expected a positive cache length, got " + std::to_string(L));
-  require(qkv_row_stride >= int64_t(hq + 2 * hkv) * d && qkv_row_stride % 8 == 0, "qkv_row_stride",
+  require(qkv_row_stride >= (int64_t(hq) + 2 * int64_t(hkv)) * d && qkv_row_stride % 8 == 0, "qkv_row_stride",
           "expected a multiple of 8 that covers (hq + 2 hkv) * d, got " + std::to_string(qkv_row_stride));
   for (std::int64_t s : {k_stride_b, k_stride_l, v_stride_b, v_stride_l})
     require(s % 8 == 0, "k_cache", "cache strides must be multiples of 8 elements (16-byte rows)");

@@ -218,8 +218,8 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
   select_block(blockIdx.x);
   load_step(lane);  // in flight while the prologue runs: the weights do not depend on it
   // Launched with PDL (L3K_PDL=1), this CTA may have started during the previous kernel's tail: the weight loads
-  // above read parameters only, which no kernel of a decode step writes; x, residual, h_out and y wait for that
-  // kernel's completion here.
+  // above read parameters only, which no kernel of a decode step writes; x, residual, h_out, y (and the qkv
+  // epilogue's rot, positions, q and caches) wait for that kernel's completion here.
   pdl_wait();
   pdl_launch_dependents();
   prologue<T, M, P>(p, xs);
@@ -330,6 +330,8 @@ Params checked_params(std::uintptr_t x, std::int64_t x_stride, std::uintptr_t re
           "M x K of the staged input exceeds " + std::to_string(kDecodeGemvMaxSmem) + " bytes of shared memory");
   require(x_stride >= (prologue == kSwiglu ? 2 * int64_t(k) : int64_t(k)) && x_stride % kVec == 0, "x_stride",
           "rows of x must hold the input (2K for swiglu) and start 16-byte aligned");
+  require(n <= 0x7fffffff - kRowsPerCta, "N", "expected fewer than 2^31 - 16 weight rows");
+  require(x != 0 && w != 0, "x", "x and w must not be null");
   require(aligned16(x) && aligned16(w) && aligned16(y) && aligned16(residual) && aligned16(h_out), "x",
           "x, w, y, residual and h_out must be 16-byte aligned");
   require(prologue != kRmsNorm || (norm_w != 0 && aligned16(norm_w)), "norm_w",
@@ -373,8 +375,8 @@ void decode_gemv_rope_cache(std::uintptr_t x, std::int64_t x_stride, std::uintpt
                                         " hkv=" + std::to_string(hkv));
   require(S > 0 && m % S == 0, "S", "expected a positive divisor of the token count, got " + std::to_string(S));
   require(L > 0, "L", "expected a positive cache length, got " + std::to_string(L));
-  const std::int64_t n = std::int64_t(hq + 2 * hkv) * d;
-  require(n <= 0x7fffffff, "hq", "(hq + 2 hkv) d exceeds 2^31 weight rows");
+  const std::int64_t n = (std::int64_t(hq) + 2 * std::int64_t(hkv)) * d;
+  require(n <= 0x7fffffff - kRowsPerCta, "hq", "(hq + 2 hkv) d exceeds 2^31 - 16 weight rows");
   const std::pair<const char*, std::uintptr_t> pointers[] = {
       {"q_out", q_out}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"positions", positions}};
   for (const auto& [name, address] : pointers) require(address != 0, name, "null pointer");

@@ -208,6 +208,26 @@ def swiglu_linear(gate_up: Tensor, weight: Tensor) -> Tensor:
     return y.view(*gate_up.shape[:-1], weight.shape[0])
 
 
+def _check_qkv_op(x, w, residual, norm_weight, rot_pairs, positions, k_cache, v_cache, n_heads) -> None:
+    """The custom op's own shape checks (it may be called directly, not only through rms_norm_qkv_rope_cache):
+    a wrong count would make the kernel read past w or write past q."""
+    _check_op(x, w, residual, norm_weight, RMS_NORM)
+    if positions.dtype != torch.int64 or positions.dim() != 2 or positions.numel() != x.shape[0]:
+        raise ValueError(f"positions: expected int64 [B, S] with B·S = {x.shape[0]} (x's rows), got "
+                         f"{positions.dtype} {tuple(positions.shape)}")  # fmt: skip
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
+        raise ValueError(f"k_cache: expected caches [Bmax, L, Hkv, D] in x's dtype, got {tuple(k_cache.shape)} "
+                         f"{k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")  # fmt: skip
+    b, s = positions.shape
+    bmax, _, hkv, d = k_cache.shape
+    if d % 2 or w.shape[0] != (n_heads + 2 * hkv) * d or bmax < b:
+        raise ValueError(f"w: expected (n_heads + 2 Hkv) · D = {(n_heads + 2 * hkv) * d} rows for caches "
+                         f"{tuple(k_cache.shape)} and batch {b}, got {tuple(w.shape)}")  # fmt: skip
+    if rot_pairs.dtype != torch.float32 or rot_pairs.shape != (b, s, d // 2, 2):
+        raise ValueError(f"rot_pairs: expected float32 {(b, s, d // 2, 2)}, got {rot_pairs.dtype} "
+                         f"{tuple(rot_pairs.shape)}")  # fmt: skip
+
+
 @torch.library.custom_op("llama3_kernels::decode_qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
 def decode_qkv_rope_cache(
     x: Tensor,
@@ -223,7 +243,7 @@ def decode_qkv_rope_cache(
 ) -> tuple[Tensor, Tensor]:
     """x [M, K] rows (M = B·S tokens), w [(Hq + 2 Hkv) D, K], rot_pairs [B, S, D/2, 2] fp32, positions [B, S] int64,
     caches [Bmax, L, Hkv, D] (written) → (q [B, S, Hq, D], h [M, K] with a residual, else empty)."""
-    _check_op(x, w, residual, norm_weight, RMS_NORM)
+    _check_qkv_op(x, w, residual, norm_weight, rot_pairs, positions, k_cache, v_cache, n_heads)
     y, h = _unfused(x, w, residual, norm_weight, eps, RMS_NORM)
     qkv = y.view(*positions.shape, y.shape[-1])
     return _rope_kv_cache_reference(qkv, rot_pairs, positions, k_cache, v_cache, n_heads), h
@@ -232,7 +252,7 @@ def decode_qkv_rope_cache(
 @decode_qkv_rope_cache.register_kernel("cuda")
 @on_input_device
 def _decode_qkv_rope_cache_cuda(x, w, residual, norm_weight, eps, rot_pairs, positions, k_cache, v_cache, n_heads):
-    _check_op(x, w, residual, norm_weight, RMS_NORM)
+    _check_qkv_op(x, w, residual, norm_weight, rot_pairs, positions, k_cache, v_cache, n_heads)
     (m, k), (b, s) = x.shape, positions.shape
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     if not (
@@ -292,7 +312,7 @@ def rms_norm_qkv_rope_cache(
     if isinstance(x, Tensor) and x.dim() != 3:
         raise ValueError(f"x: expected [B, S, K], got shape {tuple(x.shape)}")
     _check_norm_input(x, norm_weight, wqkv, residual)
-    check_cache_args("wqkv", x, wqkv.shape[0], rot, positions, k_cache, v_cache, n_heads)
+    check_cache_args("x", x, "wqkv", wqkv.shape[0], rot, positions, k_cache, v_cache, n_heads)
     if not _fused(x, norm_weight, wqkv, residual):
         qkv, h = rms_norm_linear(x, norm_weight, eps, wqkv, residual)
         return rope_kv_cache(qkv, rot, positions, k_cache, v_cache, n_heads), h

@@ -159,10 +159,19 @@ def _(qkv, rot_pairs, positions, k_cache, v_cache, n_heads):
 
 
 def check_cache_args(
-    name: str, x: Tensor, width: int, rot: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int
+    x_name: str,
+    x: Tensor,
+    width_name: str,
+    width: int,
+    rot: Tensor,
+    positions: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
 ) -> None:
-    """rope_kv_cache's arguments around x [B, S, ...] (qkv, or the fused op's input) whose projection has `width`
-    = (n_heads + 2 Hkv) D columns: dtypes, shapes, devices, and on the CPU the positions' range."""
+    """rope_kv_cache's arguments around x [B, S, ...] (qkv, or the fused op's input) whose projection (qkv, or
+    wqkv's rows: named `width_name`) has `width` = (n_heads + 2 Hkv) D columns: dtypes, shapes, devices, and on the
+    CPU the positions' range."""
     check_tensor("k_cache", k_cache, dtypes=(x.dtype,), ndim=4)
     check_tensor("v_cache", v_cache, dtypes=(x.dtype,), ndim=4)
     check_tensor("rot", rot, dtypes=(torch.complex64,), ndim=3)
@@ -173,13 +182,13 @@ def check_cache_args(
     if not isinstance(n_heads, int) or n_heads <= 0:
         raise ValueError(f"n_heads: expected a positive int, got {n_heads!r}")
     if d % 2 or width != (n_heads + 2 * hkv) * d:
-        raise ValueError(f"{name}: expected (n_heads + 2 Hkv) * D = {(n_heads + 2 * hkv) * d} projection columns "
+        raise ValueError(f"{width_name}: expected (n_heads + 2 Hkv) * D = {(n_heads + 2 * hkv) * d} projection columns "
                          f"with an even D (Hkv={hkv}, D={d} from k_cache), got {width}")  # fmt: skip
     if bmax < b:
         raise ValueError(f"k_cache: expected at least {b} rows (the batch), got shape {tuple(k_cache.shape)}")
     check_shape("rot", rot, (b, s, d // 2))
     check_shape("positions", positions, (b, s))
-    check_same_device(**{name: x}, rot=rot, positions=positions, k_cache=k_cache, v_cache=v_cache)
+    check_same_device(**{x_name: x}, rot=rot, positions=positions, k_cache=k_cache, v_cache=v_cache)
     if positions.device.type == "cpu" and positions.numel():
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= length:
@@ -207,5 +216,6 @@ def rope_kv_cache(
     """
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
     check_last_dim_contiguous("qkv", qkv)
-    check_cache_args("qkv", qkv, qkv.shape[-1], rot, positions, k_cache, v_cache, n_heads)
-    return rope_kv_cache_op(qkv, torch.view_as_real(rot), positions, k_cache, v_cache, n_heads)
+    check_cache_args("qkv", qkv, "qkv", qkv.shape[-1], rot, positions, k_cache, v_cache, n_heads)
+    rot_pairs = torch.view_as_real(rot.resolve_conj() if rot.is_conj() else rot)
+    return rope_kv_cache_op(qkv, rot_pairs, positions, k_cache, v_cache, n_heads)
