@@ -506,7 +506,9 @@ def test_decode_attention_bad_inputs(kwargs, exc, name):
         ((1, 4, 8, 16448, 132, 16), (33, False)),  # 257 tiles: one more
         ((16, 4, 8, 8192, 132, 16), (3, True)),  # the batch fills the GPU: 3 splits, one cluster each
         ((1, 4, 8, 64, 132, 16), (1, False)),  # one tile: nothing to split
-        ((2, 100, 2, 1000, 132, 8), (8, True)),  # rows-split tile: 2 row blocks a KV head, 16 tiles / 8
+        ((2, 100, 2, 1000, 132, 8), (16, False)),  # rows-split tile, 8 CTAs: capped at 8 splits, 64 would idle SMs
+        ((8, 100, 2, 1000, 132, 8), (8, True)),  # 32 CTAs: 9 splits capped at 8, 256 CTAs of 2 tiles
+        ((1, 3, 3, 4096, 132, 16), (64, False)),  # 3 KV heads (SmolLM2): capped, 48 CTAs would idle most SMs
     ],
 )
 def test_decode_splits(args, want):

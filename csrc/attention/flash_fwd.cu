@@ -23,7 +23,6 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <string>
 
 #include "attention/attention.h"
@@ -106,9 +105,12 @@ __device__ __forceinline__ void merge_in_cluster(const FwdParams& p, const float
       for (int sp = 0; sp < splits; ++sp) {
         const float w = expf(*cluster.map_shared_rank(part_lse + r, sp) - mx);  // exp(-inf) = 0: an empty split
         wsum += w;
-        const float* src = cluster.map_shared_rank(part_o + r * D, sp) + lane * kPerLane;
+        const float* src = cluster.map_shared_rank(part_o + r * D, sp) + lane * kPerLane;  // 8- or 16-byte aligned
+        float v[kPerLane];
+        if constexpr (kPerLane == 4) *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(src);
+        else *reinterpret_cast<float2*>(v) = *reinterpret_cast<const float2*>(src);
 #pragma unroll
-        for (int e = 0; e < kPerLane; ++e) acc[e] += w * src[e];
+        for (int e = 0; e < kPerLane; ++e) acc[e] += w * v[e];
       }
     }
     const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
@@ -272,9 +274,9 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
 
   if constexpr (WK) {
     // Merge the four warps' states into warp 0 (same rows, same fragment layout: lane by lane), through the
-    // K/V buffers: slot[warp - 1][lane] = {row_max[2], row_sum[2], o[DT][4]}.
+    // K ring: slot[warp - 1][lane] = {row_max[2], row_sum[2], o[DT][4]} (the V ring then takes a cluster's partials).
     constexpr int kSlot = 4 + 4 * DT;
-    static_assert(3 * 32 * kSlot * 4 <= 4 * BN * D * int(sizeof(T)), "merge slots fit in the K/V buffers");
+    static_assert(3 * 32 * kSlot * 4 <= 2 * BN * D * int(sizeof(T)), "merge slots fit in the K ring");
     float* slots = reinterpret_cast<float*>(sK);
     __syncthreads();  // every warp is done with the last K/V tile
     if (warp > 0) {
@@ -427,10 +429,9 @@ int max_decode_cluster() {
     config.attrs = &attr;
     config.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, flash_fwd_kernel<T, D, Tile>, &config) == cudaSuccess &&
-        clusters > 0)
-      return int(c);
-    (void)cudaGetLastError();  // a size the device rejects sets the last error: clear it
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, flash_fwd_kernel<T, D, Tile>, &config);
+    if (err == cudaSuccess && clusters > 0) return int(c);
+    if (err != cudaSuccess) (void)cudaGetLastError();  // a size the device rejects sets the last error: clear it
   }
   return 1;
 }

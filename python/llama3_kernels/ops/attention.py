@@ -19,6 +19,7 @@ from llama3_kernels.ops._common import (
     HALF_DTYPES,
     check_same_device,
     check_tensor,
+    has_kernel,
     kernel,
     on_input_device,
     ptr,
@@ -169,6 +170,7 @@ def cache_layout_ok(cache: Tensor) -> bool:
 
 
 CLUSTER_MAX_TILES = 16  # key tiles a split may grow to when its count is capped at the cluster size
+CLUSTER_MIN_FILL = 0.75  # and the capped grid must still cover this share of the SMs
 
 
 def _decode_splits(
@@ -180,23 +182,28 @@ def _decode_splits(
     rows (the Sq new tokens times the query heads of one KV group) and streams 64-key tiles; one split per CTA once
     the batch alone fills the GPU. A cluster (max_cluster > 1 CTAs) merges the splits without a combine kernel but
     holds at most max_cluster of them: the count is capped there while that leaves each split at most
-    CLUSTER_MAX_TILES tiles (a batch-1 step of a model with 8 KV heads and a 4096-token cache: 16 splits of 4 tiles,
-    one wave of 128 CTAs instead of two); past that (long caches) the longer chain a CTA would stream costs more
-    than the combine kernel saves, and the splits go through the combine kernel uncapped.
+    CLUSTER_MAX_TILES tiles and the grid still covers CLUSTER_MIN_FILL of the SMs (a batch-1 step of a model with 8
+    KV heads and a 4096-token cache: 16 splits of 4 tiles, 128 CTAs instead of 264 of 2). Past that (long caches,
+    or few KV heads) the longer chains or idle SMs would cost more than the combine kernel saves, and the splits
+    go through the combine kernel uncapped.
     """
     ctas = batch * hkv * -(-rows // 64)
     tiles = -(-cache_len // 64)
     splits = max(1, min(tiles, -(-2 * num_sms // max(ctas, 1)), 128))
     if splits == 1 or max_cluster < 2:
         return splits, False
-    if splits <= max_cluster or -(-tiles // max_cluster) <= CLUSTER_MAX_TILES:
-        return min(splits, max_cluster), True
+    if splits <= max_cluster:
+        return splits, True
+    if -(-tiles // max_cluster) <= CLUSTER_MAX_TILES and ctas * max_cluster >= CLUSTER_MIN_FILL * num_sms:
+        return max_cluster, True
     return splits, False
 
 
 @functools.cache
 def _max_cluster(device_index: int, d: int, dtype_code: int, rows: int) -> int:
     """The most splits one cluster of the decode kernel holds on this device (the launcher asks the occupancy API)."""
+    if not has_kernel("decode_attn_max_cluster"):
+        return 1
     with torch.cuda.device(device_index):
         return kernel("decode_attn_max_cluster")(d, dtype_code, rows)
 
@@ -213,7 +220,8 @@ def _decode_attn_cuda(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     out = torch.empty_like(q)
     rows, dev = sq * (hq // hkv), q.device.index
     # L3K_DECODE_CLUSTER=0: merge the splits through fp32 workspaces and a combine kernel instead
-    max_cluster = 1 if switched_off("L3K_DECODE_CLUSTER") else _max_cluster(dev, d, DTYPE_CODES[q.dtype], rows)
+    tile_rows = min(rows, 17)  # the query only tells the <= 16-row tile from the other
+    max_cluster = 1 if switched_off("L3K_DECODE_CLUSTER") else _max_cluster(dev, d, DTYPE_CODES[q.dtype], tile_rows)
     splits, cluster = _decode_splits(b, rows, hkv, cache_len, sm_count(dev), max_cluster)
     o_accum = lse_accum = None
     if splits > 1 and not cluster:  # per-split partial outputs and log-sum-exps, merged by the combine kernel
