@@ -132,6 +132,24 @@ def test_stop_tokens(gen):
     assert done.tokens == [[], [], []] and done.decode_steps == 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_running_one_step_ahead_changes_nothing(gen, temperature):
+    """The GPU's schedule (decode step i + 1 queued before the host reads token i), forced on the CPU: the same
+    tokens, stops, seeded samples and step counts; a step run past the last stop is not counted or output."""
+    model = random_model(gen)
+    prompts = prompts_for(gen, [5, 8, 2])
+    free = Generator(model).generate(prompts, max_new_tokens=8, stop_ids=[], temperature=temperature, seed=3)
+    for stop_ids in ([], [free.tokens[1][3]], [t[0] for t in free.tokens]):
+        runs = []
+        for ahead in (False, True):
+            g = Generator(model)
+            g.run_ahead = ahead
+            runs.append(g.generate(prompts, max_new_tokens=8, stop_ids=stop_ids, temperature=temperature, seed=3))
+        assert runs[0].tokens == runs[1].tokens and runs[0].finish_reasons == runs[1].finish_reasons
+        assert runs[0].decode_steps == runs[1].decode_steps
+    assert runs[1].decode_steps == 0  # every row stopped on its first token
+
+
 def test_default_stop_ids_come_from_the_tokenizer(gen):
     class Tok:
         stop_ids = None

@@ -131,6 +131,11 @@ class Generator:
             kernel_runs = model.tok_embeddings.weight.dtype in HALF_DTYPES and model.cfg.head_dim in KERNEL_HEAD_DIMS
             cuda_graph = self.device.type == "cuda" and has_kernel("decode_attn") and kernel_runs
         self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        # On a GPU the device runs one decode step ahead of the host: token i's copy to the host is queued, then
+        # step i + 1 (it needs token i on the device only), and the host reads token i (stop checks, streaming)
+        # while that step runs; a step past the last stop is wasted work, never output. A CPU runs the steps as
+        # they are issued: nothing to overlap.
+        self.run_ahead = self.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
         self._static: tuple[Tensor, Tensor, Tensor] | None = None  # tokens [B, 1], positions [B, 1], seqlens [B]
@@ -248,14 +253,26 @@ class Generator:
         reasons = ["length"] * b
         padded = torch.tensor([list(p) + [0] * (s - len(p)) for p in prompts], device=self.device)  # [B, S]
         pos = torch.tensor(lens, device=self.device)  # [B]: where each row's next token goes
+        reader, ahead = _TokenReader(self.device, b), self.run_ahead
+
+        def advance(tok: Tensor) -> Tensor:
+            nonlocal pos
+            logits = self._decode_step(tok, pos)
+            pos = pos + 1
+            return sample(logits, temperature, top_k, top_p, gen)
+
         with torch.inference_mode():
             self._sync()
             t0 = time.perf_counter()
             logits = self.model(padded, last_index=pos - 1)[:, 0]  # prefill, [B, V]
+            tok = sample(logits, temperature, top_k, top_p, gen)  # [B], on the device
             steps, t1 = 0, None
             for i in range(max_new_tokens):
-                tok = sample(logits, temperature, top_k, top_p, gen)  # [B]
-                for row, t in enumerate(tok.tolist()):
+                reader.start(tok)
+                last = i == max_new_tokens - 1
+                if ahead and not last:
+                    next_tok = advance(tok)
+                for row, t in enumerate(reader.wait()):
                     if reasons[row] == "stop":
                         continue
                     if t in stops:
@@ -266,10 +283,10 @@ class Generator:
                             on_token(row, t)
                 if t1 is None:
                     t1 = time.perf_counter()  # prefill ends with its first token
-                if all(r == "stop" for r in reasons) or i == max_new_tokens - 1:
+                if all(r == "stop" for r in reasons) or last:
                     break
-                logits = self._decode_step(tok, pos)
-                pos, steps = pos + 1, steps + 1
+                tok = next_tok if ahead else advance(tok)
+                steps += 1  # decode steps whose token was read
             self._sync()
             t2 = time.perf_counter()
         text = [self.tokenizer.decode(t) for t in out] if self.tokenizer is not None else []
@@ -281,6 +298,26 @@ class Generator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class _TokenReader:
+    """Sampled token ids read back without stalling the device: a non-blocking copy into pinned memory and an event
+    after it, so the host waits for that copy alone while later queued work (the next decode step) runs."""
+
+    def __init__(self, device: torch.device, batch: int):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(batch, dtype=torch.int64, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, tok: Tensor) -> None:
+        self.host.copy_(tok, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 # --------------------------------------------------------------------------------------------- CLI
