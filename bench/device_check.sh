@@ -16,9 +16,9 @@
 #      A start took ~40 s there; the whole run with the build skipped ~230 s then (more phases since: expect
 #      ~400-500 s), leaving room for a second call after a fix (give_back in between: idle time counts). The
 #      sm90gate phase runs the never-run Hopper attention kernels standalone first, then (sm90tests) their GPU
-#      tests in a process of their own; clustergate, gemvgate, cegate and ropegate do the same for the decode
-#      attention's cluster merge, the decode GEMV, cross_entropy and rope (default paths, never run when
-#      written). A kernel that fails is kept
+#      tests in a process of their own; clustergate, gemvgate, cegate, ropegate and pdlgate do the same for the
+#      decode attention's cluster merge, the decode GEMV, cross_entropy, rope and PDL (default paths, never run
+#      when written). A kernel that fails is kept
 #      out of the rest of the run (tests, sanitizer, bench), so a pipeline hang or a fault cannot take it down.
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
 #        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
@@ -215,16 +215,19 @@ export L3K_SM90_GATE
 say "sm90 kernels kept out of this run: ${L3K_SM90_GATE:-none}"
 
 # Kernels that run by default but had never run on a GPU when this was written: the cluster merge of the decode
-# attention's splits, the decode GEMV (a fused model's decode step), cross_entropy and rope (the training step). Each one's tests go first, in a process of their own;
-# if they fail, its switch keeps the rest of the run on the unfused ops or the reference (a fault would poison the
-# test process's CUDA context), and the main tests skip that file.
+# attention's splits, the decode GEMV (a fused model's decode step), cross_entropy and rope (the training step),
+# and PDL (programmatic dependent launch of the decode kernels). Each one's tests go first, in a process of their
+# own; if they fail, its switch keeps the rest of the run on the unfused ops, the reference or plain launches (a
+# fault would poison the test process's CUDA context), and the main tests skip that file. The kernels' gates run
+# without PDL, so that a PDL fault cannot turn a kernel off; PDL's own gate comes last, on top of them.
 TEST_IGNORE=()
-# PDL is opt-in, but the bench times it: its gate's switch L3K_PDL_OK=0 drops that column.
 for gate in clustergate:tests/test_decode_cluster_cuda.py:L3K_DECODE_CLUSTER \
   gemvgate:tests/test_decode_gemv_cuda.py:L3K_DECODE_GEMV cegate:tests/test_loss_cuda.py:L3K_CROSS_ENTROPY \
-  ropegate:tests/test_rope_cuda.py:L3K_ROPE pdlgate:tests/test_pdl_cuda.py:L3K_PDL_OK; do
+  ropegate:tests/test_rope_cuda.py:L3K_ROPE pdlgate:tests/test_pdl_cuda.py:L3K_PDL; do
   IFS=: read -r name file switch <<<"$gate"
-  phase "$name" 90 "$PY" -m pytest -q -x -p no:cacheprovider -rf "$file"
+  no_pdl=(env L3K_PDL=0)
+  [[ $name == pdlgate ]] && no_pdl=()
+  phase "$name" 90 "${no_pdl[@]}" "$PY" -m pytest -q -x -p no:cacheprovider -rf "$file"
   skipped "$name" && continue
   TEST_IGNORE+=(--ignore="$file")  # they ran in the gate; $name.log has them
   if ! grep -qE "^[0-9]+ passed" "$LOGS/$name.log" 2>/dev/null; then

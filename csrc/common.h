@@ -24,6 +24,12 @@ inline bool env_switch_on(const char* name) {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// A default-on switch, likewise: off only when set to exactly "0".
+inline bool env_switch_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
 // Throws std::invalid_argument (Python ValueError) naming the argument.
 inline void require(bool ok, const char* arg, const std::string& what) {
   if (!ok) throw std::invalid_argument(std::string(arg) + ": " + what);
@@ -46,12 +52,14 @@ inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 #define L3K_CHECK_LAUNCH(name) ::l3k::check_cuda(cudaGetLastError(), name)
 
 namespace l3k {
-// Programmatic dependent launch (PDL, sm_90), for the decode step's chain of short kernels. With L3K_PDL=1 a kernel
-// launched by launch_pdl may start while the previous kernel on the stream is still finishing, so its first
-// independent work (the GEMV's weight loads) overlaps that kernel's tail and the launch gap. Such a kernel must call
-// pdl_wait() in every thread before it reads or writes memory that earlier kernels touch: their outputs, and its own
-// outputs too (the caching allocator hands out freed buffers in stream order). Without the attribute, or under
-// L3K_PDL=0 (the default until an H100 run shows the gain), pdl_wait() returns at once.
+// Programmatic dependent launch (PDL, sm_90), for the decode step's chain of short kernels: a kernel launched by
+// launch_pdl may start while the previous kernel on the stream is still finishing, so its first independent work
+// (the GEMV's weight loads) overlaps that kernel's tail and the launch gap. Such a kernel must call pdl_wait() in
+// every thread before it reads or writes memory that earlier kernels touch: their outputs, and its own outputs too
+// (the caching allocator hands out freed buffers in stream order). Every kernel launched this way fits the GPU in
+// one wave, so an early dependent never holds resources the rest of its primary waits for. On by default;
+// L3K_PDL=0 launches them plainly (bench/device_check.sh sets it when PDL's tests fail), and then pdl_wait()
+// returns at once.
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 // The next PDL launch may schedule its CTAs once every CTA of this grid has called this or exited.
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
@@ -63,7 +71,7 @@ __device__ __forceinline__ float2 rope_pair(float x0, float x1, float c, float s
   return make_float2(fmaf(x0, c, -__fmul_rn(x1, s)), fmaf(x0, s, __fmul_rn(x1, c)));
 }
 
-inline bool pdl_enabled() { return env_switch_on("L3K_PDL"); }
+inline bool pdl_enabled() { return !env_switch_off("L3K_PDL"); }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute when PDL is on,
 // and as clusters of `cluster_x` CTAs along x when that is above 1 (grid.x must be a multiple of it).

@@ -1,7 +1,8 @@
-"""Programmatic dependent launch of the decode step's kernels (L3K_PDL=1, csrc/common.h), on an H100.
+"""Programmatic dependent launch of the decode step's kernels (default on; L3K_PDL=0 turns it off; csrc/common.h),
+on an H100.
 
-Its own file, so bench/device_check.sh gates it on its own (pdlgate): a PDL-only failure (graph capture with the
-launch attribute, say) must not turn off the decode GEMV, which runs by default.
+Its own file, so bench/device_check.sh gates it on its own (pdlgate: a failure sets L3K_PDL=0 for the rest of the
+run): a PDL-only failure (graph capture with the launch attribute, say) must not turn off the decode GEMV.
 """
 
 import pytest
@@ -24,8 +25,8 @@ def _need() -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_pdl_launches_change_nothing(monkeypatch, cuda_graph, batch):
-    """L3K_PDL=1 launches the decode step's kernels (the GEMVs, rope_kv_cache, the decode attention and its split
-    combine) as programmatic dependents, so each may start during the previous one's tail. They must wait for it
+    """PDL launches the decode step's kernels (the GEMVs with the q/k/v epilogue, the decode attention and its split
+    combine or cluster merge, rope_kv_cache where it runs) as programmatic dependents, so each may start during the previous one's tail. They must wait for it
     before touching its data: the same tokens and bit-identical KV caches as ordinary launches, eager and replayed
     from a CUDA graph (a read before the wait would see a previous layer's or step's values)."""
     _need()

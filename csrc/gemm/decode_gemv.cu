@@ -11,7 +11,7 @@
 // Layout as fp8_gemv.cu: a warp owns two weight rows and streams them in 16-byte chunks (8 elements), 8 warps a
 // CTA, 16-row blocks; at most as many CTAs as fit at once, each walking blocks after one prologue (the LM head has
 // 8016 blocks). Products accumulate in fp32 per lane, then a shuffle tree. `a` is rounded to the weight dtype
-// before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM. With L3K_PDL=1 the kernel
+// before the products, exactly as the unfused ops (rms_norm, swiglu) hand it to the GEMM. Unless L3K_PDL=0 the kernel
 // is a programmatic dependent launch: its first weight loads may overlap the previous kernel's tail (common.h).
 //
 // The qkv epilogue (decode_gemv_rope_cache): y is a fused [wq; wk; wv] projection, and instead of storing it the
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
   };
   select_block(blockIdx.x);
   load_step(lane);  // in flight while the prologue runs: the weights do not depend on it
-  // Launched with PDL (L3K_PDL=1), this CTA may have started during the previous kernel's tail: the weight loads
+  // Launched with PDL (the default), this CTA may have started during the previous kernel's tail: the weight loads
   // above read parameters only, which no kernel of a decode step writes; x, residual, h_out, y (and the qkv
   // epilogue's rot, positions, q and caches) wait for that kernel's completion here.
   pdl_wait();
