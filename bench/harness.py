@@ -517,6 +517,8 @@ def environment(device: torch.device) -> dict:
         "device": "cpu",
         "gpu": None,
         "driver": None,
+        # the run's switches (the device check turns off a default kernel that fails its gate: L3K_PDL=0, ...)
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("L3K_") and k != "L3K_COMMIT"},
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -56,8 +56,10 @@ namespace l3k {
 // launch_pdl may start while the previous kernel on the stream is still finishing, so its first independent work
 // (the GEMV's weight loads) overlaps that kernel's tail and the launch gap. Such a kernel must call pdl_wait() in
 // every thread before it reads or writes memory that earlier kernels touch: their outputs, and its own outputs too
-// (the caching allocator hands out freed buffers in stream order). Every kernel launched this way fits the GPU in
-// one wave, so an early dependent never holds resources the rest of its primary waits for. On by default;
+// (the caching allocator hands out freed buffers in stream order). A dependent's CTAs schedule only once every CTA
+// of its primary has triggered (so all of them are resident): an early dependent cannot starve its primary. What a
+// kernel may read before its wait must not be written by the kernel just before it (the decode GEMV's weights:
+// parameters, which no decode step writes; a caller must not pass as w the output of the previous op). On by default;
 // L3K_PDL=0 launches them plainly (bench/device_check.sh sets it when PDL's tests fail), and then pdl_wait()
 // returns at once.
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }

@@ -3,6 +3,7 @@ batch of prompts of different lengths, seeded determinism, stop tokens, streamin
 
 import contextlib
 import math
+import time
 
 import pytest
 import torch
@@ -148,6 +149,25 @@ def test_running_one_step_ahead_changes_nothing(gen, temperature):
         assert runs[0].tokens == runs[1].tokens and runs[0].finish_reasons == runs[1].finish_reasons
         assert runs[0].decode_steps == runs[1].decode_steps
     assert runs[1].decode_steps == 0  # every row stopped on its first token
+
+
+def test_running_ahead_keeps_the_first_step_in_decode_time(gen, monkeypatch):
+    """The first decode step (where a GPU captures its graph) is not queued before the first token is read: its
+    time counts as decode, not prefill."""
+    model = random_model(gen)
+    g = Generator(model)
+    g.run_ahead = True
+    slow_first, step = [True], g._decode_step
+
+    def decode_step(tok, pos):
+        if slow_first[0]:
+            slow_first[0] = False
+            time.sleep(0.3)
+        return step(tok, pos)
+
+    monkeypatch.setattr(g, "_decode_step", decode_step)
+    result = g.generate(prompts_for(gen, [5]), max_new_tokens=4, stop_ids=[])
+    assert result.decode_steps == 3 and result.decode_s >= 0.3 > result.prefill_s
 
 
 def test_default_stop_ids_come_from_the_tokenizer(gen):

@@ -22,21 +22,35 @@ def _need() -> None:
             pytest.skip(f"_C.{name} was not built")
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+# which decode kernels run: the default (the q/k/v GEMV epilogue, the cluster merge), the split combine kernel, and
+# the unfused GEMV + rope_kv_cache. Prompt lengths: one row (a 256-slot cache: 4 splits), two rows, and four rows with
+# a long one (a 2048-slot cache: 8 KV-head CTAs x 16 splits of 2 tiles, the largest clusters)
+VARIANTS = {
+    "default": {},
+    "combine kernel": {"L3K_DECODE_CLUSTER": "0"},
+    "rope_kv_cache": {"L3K_DECODE_GEMV": "0"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("lengths", [(37,), (37, 5), (1900, 5, 300, 77)])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_pdl_launches_change_nothing(monkeypatch, cuda_graph, batch):
-    """PDL launches the decode step's kernels (the GEMVs with the q/k/v epilogue, the decode attention and its split
-    combine or cluster merge, rope_kv_cache where it runs) as programmatic dependents, so each may start during the previous one's tail. They must wait for it
-    before touching its data: the same tokens and bit-identical KV caches as ordinary launches, eager and replayed
-    from a CUDA graph (a read before the wait would see a previous layer's or step's values)."""
+def test_pdl_launches_change_nothing(monkeypatch, cuda_graph, lengths, variant):
+    """PDL launches the decode step's kernels (the GEMVs with the q/k/v epilogue, the decode attention and its
+    cluster merge or split combine, rope_kv_cache where it runs) as programmatic dependents, so each may start during
+    the previous one's tail. They must wait for it before touching its data: the same tokens and bit-identical KV
+    caches as ordinary launches, eager and replayed from a CUDA graph (a read before the wait would see a previous
+    layer's or step's values)."""
     _need()
     from llama3_kernels.generate import Generator
     from llama3_kernels.model import Transformer, get_config
 
+    for key, value in VARIANTS[variant].items():
+        monkeypatch.setenv(key, value)
     torch.manual_seed(3)
-    cfg = get_config("debug", n_layers=4)
+    cfg = get_config("debug", n_layers=4, max_seq_len=2048)
     model = Transformer(cfg).to("cuda", torch.bfloat16)
-    prompts = [[int(t) for t in torch.randint(0, 256, (n,))] for n in (37, 5)[:batch]]
+    prompts = [[int(t) for t in torch.randint(0, 256, (n,))] for n in lengths]
     runs = []
     for pdl in ("0", "1"):
         monkeypatch.setenv("L3K_PDL", pdl)

@@ -63,7 +63,10 @@ def sample(
         mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
         sorted_x = sorted_x.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
         x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
-    return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
+    # torch.multinomial(p, 1)'s own algorithm (argmax of p / Exp(1) noise: the same draws for the same generator
+    # state), without its host-side probability checks, which would stall a GPU decode loop that runs ahead
+    p = x.softmax(-1)
+    return (p / torch.empty_like(p).exponential_(1, generator=generator)).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------- generator
@@ -168,7 +171,7 @@ class Generator:
                 self._capture()
                 self._graph_key = key
             except Exception as e:  # not capturable (a host sync somewhere): fall back to eager decode
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=3)
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=4)
                 self.use_cuda_graph, self._graph = False, None
                 return self.model(tokens[:, None], positions[:, None], cache_seqlens=seqlens)[:, 0]
         st_tok, st_pos, st_len = self._static
@@ -270,7 +273,9 @@ class Generator:
             for i in range(max_new_tokens):
                 reader.start(tok)
                 last = i == max_new_tokens - 1
-                if ahead and not last:
+                # (not on the first token: the first step may capture the graph, which belongs to decode time)
+                ran_ahead = ahead and i > 0 and not last
+                if ran_ahead:
                     next_tok = advance(tok)
                 for row, t in enumerate(reader.wait()):
                     if reasons[row] == "stop":
@@ -285,7 +290,7 @@ class Generator:
                     t1 = time.perf_counter()  # prefill ends with its first token
                 if all(r == "stop" for r in reasons) or last:
                     break
-                tok = next_tok if ahead else advance(tok)
+                tok = next_tok if ran_ahead else advance(tok)
                 steps += 1  # decode steps whose token was read
             self._sync()
             t2 = time.perf_counter()
@@ -305,14 +310,14 @@ class _TokenReader:
     after it, so the host waits for that copy alone while later queued work (the next decode step) runs."""
 
     def __init__(self, device: torch.device, batch: int):
-        self.cuda = device.type == "cuda"
-        self.host = torch.empty(batch, dtype=torch.int64, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
+        self.device = device
+        self.host = torch.empty(batch, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
 
     def start(self, tok: Tensor) -> None:
-        self.host.copy_(tok, non_blocking=True)
+        self.host.copy_(tok, non_blocking=True)  # on tok's device's current stream
         if self.event is not None:
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(self.device))  # that stream, whatever the current device
 
     def wait(self) -> list[int]:
         if self.event is not None:

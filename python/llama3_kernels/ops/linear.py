@@ -11,6 +11,10 @@ Each equals the composition of this library's ops with F.linear (the norm or Swi
 before the product), which is also what runs whenever the kernel does not apply: more than 4 rows, gradients
 needed, a CPU tensor, mismatched dtypes, or an input too long to stage in shared memory. L3K_DECODE_GEMV=0 turns
 the kernel off (the unfused ops everywhere), e.g. while it is checked on a new device.
+
+The kernel is a programmatic dependent launch (csrc/common.h; L3K_PDL=0 turns that off): its first weight loads
+may run before the previous kernel on the stream has finished. So the weight must not be the output of the op
+issued just before (a model's parameters never are); the activations may be.
 """
 
 from __future__ import annotations
