@@ -224,7 +224,7 @@ TEST_IGNORE=()
 # (name:tests:switch:cap in s; a hang costs its cap, a pass takes 10-30 s)
 for gate in clustergate:tests/test_decode_cluster_cuda.py:L3K_DECODE_CLUSTER:60 \
   gemvgate:tests/test_decode_gemv_cuda.py:L3K_DECODE_GEMV:90 cegate:tests/test_loss_cuda.py:L3K_CROSS_ENTROPY:60 \
-  ropegate:tests/test_rope_cuda.py:L3K_ROPE:60 pdlgate:tests/test_pdl_cuda.py:L3K_PDL:60; do
+  ropegate:tests/test_rope_cuda.py:L3K_ROPE:60 pdlgate:tests/test_pdl_cuda.py:L3K_PDL:90; do
   IFS=: read -r name file switch cap <<<"$gate"
   no_pdl=(env L3K_PDL=0)
   [[ $name == pdlgate ]] && no_pdl=()
