@@ -82,6 +82,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Wait until at most N of this thread's most recent cp.async groups are still pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Copies ROWS rows of D halves into a swizzled tile; row_ptr(r) gives the source row or nullptr (zero row).
 // `any` is a valid global address used as the (unread) source of zero-filled chunks.

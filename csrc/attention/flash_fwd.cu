@@ -42,9 +42,12 @@ constexpr int kFwdThreads = 32 * kFwdWarps;
 // same 16 rows and each takes its own quarter of every key tile, keeping its own online-softmax state; the
 // states merge once at the end. With rows split across warps instead, one warp did all the math of a 64-key
 // tile (128 mma for 4 live rows) while three idled: B=16 L=8192 reached 2.4 TB/s against SDPA's 3.9.
-template <int MT_, int BN_, bool WarpKeys_ = false, bool Decode_ = false>
+// Stages: the K/V ring's depth. With 2, one tile is in flight while a CTA computes the previous one; the WarpKeys
+// decode tile (a few rows, nothing to compute) takes 3, two tiles in flight, since a batch-1 step whose splits merge
+// in a 16-CTA cluster runs about one CTA an SM (34.8 -> 51 KB at D = 64, 70 -> 100 KB at D = 128).
+template <int MT_, int BN_, bool WarpKeys_ = false, bool Decode_ = false, int Stages_ = 2>
 struct FwdTile {
-  static constexpr int MT = MT_, BN = BN_;
+  static constexpr int MT = MT_, BN = BN_, kStages = Stages_;
   static constexpr bool kWarpKeys = WarpKeys_, kDecode = Decode_;
   static constexpr int BM = 16 * MT_ * (WarpKeys_ ? 1 : kFwdWarps);  // query rows per CTA
   static constexpr int KW = WarpKeys_ ? BN_ / kFwdWarps : BN_;       // keys of a tile each warp handles
@@ -52,7 +55,7 @@ struct FwdTile {
 template <int D>
 using PrefillTile = FwdTile<2, D == 128 ? 32 : 64>;
 using DecodeTile = FwdTile<1, 64, false, true>;
-using DecodeWarpKeysTile = FwdTile<1, 64, true, true>;
+using DecodeWarpKeysTile = FwdTile<1, 64, true, true, 3>;
 static_assert(DecodeWarpKeysTile::KW == 16, "each warp's key slice is one 16-key mma step");
 
 struct FwdParams {
@@ -130,8 +133,9 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
   constexpr int NT = Tile::KW / 8;  // 8-key column tiles of S this warp computes
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [BM][D]
-  T* sK = sQ + BM * D;                 // [2][BN][D]
-  T* sV = sK + 2 * BN * D;             // [2][BN][D]
+  constexpr int S = Tile::kStages;
+  T* sK = sQ + BM * D;                 // [S][BN][D]
+  T* sV = sK + S * BN * D;             // [S][BN][D]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.z;
@@ -207,17 +211,30 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.f;
 
+  // One cp.async group per tile (empty past the last), so that "all but the newest S - 2 groups" is tile nb.
   if (n_begin < n_end) {
     load_tile<D, BM, kFwdThreads>(sQ, q_row, q, tid);
     load_kv(n_begin, 0);
     cp_async_commit();
+#pragma unroll
+    for (int i = 1; i < S - 1; ++i) {
+      if (n_begin + i < n_end) load_kv(n_begin + i, i);
+      cp_async_commit();
+    }
   }
   for (int nb = n_begin; nb < n_end; ++nb) {
-    const int stage = (nb - n_begin) & 1;
-    cp_async_wait_all();
-    __syncthreads();  // tile nb landed for all threads, and everyone is done reading the other stage
-    if (nb + 1 < n_end) {
-      load_kv(nb + 1, stage ^ 1);
+    const int stage = S == 2 ? (nb - n_begin) & 1 : (nb - n_begin) % S;
+    if constexpr (S == 2) {  // (the prefill tiles' code as it was measured: the generic form spills more at D = 128)
+      cp_async_wait_all();
+      __syncthreads();  // tile nb landed for all threads, and everyone is done reading the other stage
+      if (nb + 1 < n_end) {
+        load_kv(nb + 1, stage ^ 1);
+        cp_async_commit();
+      }
+    } else {
+      cp_async_wait<S - 2>();
+      __syncthreads();  // tile nb landed for all threads, and everyone is done reading the stage refilled next
+      if (nb + S - 1 < n_end) load_kv(nb + S - 1, (nb + S - 1 - n_begin) % S);
       cp_async_commit();
     }
     if (!warp_active) continue;
@@ -276,7 +293,7 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
     // Merge the four warps' states into warp 0 (same rows, same fragment layout: lane by lane), through the
     // K ring: slot[warp - 1][lane] = {row_max[2], row_sum[2], o[DT][4]} (the V ring then takes a cluster's partials).
     constexpr int kSlot = 4 + 4 * DT;
-    static_assert(3 * 32 * kSlot * 4 <= 2 * BN * D * int(sizeof(T)), "merge slots fit in the K ring");
+    static_assert(3 * 32 * kSlot * 4 <= S * BN * D * int(sizeof(T)), "merge slots fit in the K ring");
     float* slots = reinterpret_cast<float*>(sK);
     __syncthreads();  // every warp is done with the last K/V tile
     if (warp > 0) {
@@ -316,7 +333,7 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
   constexpr bool kCluster = Tile::kDecode;  // compiled into the decode tiles only; p.cluster_combine picks it
   float* part_o = reinterpret_cast<float*>(sV);
   float* part_lse = reinterpret_cast<float*>(sQ);
-  static_assert(!kCluster || BM * D * 4 <= 2 * BN * D * int(sizeof(T)), "the partials fit in the V ring");
+  static_assert(!kCluster || BM * D * 4 <= S * BN * D * int(sizeof(T)), "the partials fit in the V ring");
   const bool cluster_combine = kCluster && p.cluster_combine;
   if (cluster_combine) __syncthreads();
   if (warp_active && (!WK || warp == 0)) {
@@ -388,7 +405,7 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const float* o_accu
 
 template <typename T, int D, class Tile>
 constexpr int fwd_smem() {
-  return (Tile::BM + 4 * Tile::BN) * D * int(sizeof(T));  // Q + 2 stages of K and V
+  return (Tile::BM + 2 * Tile::kStages * Tile::BN) * D * int(sizeof(T));  // Q + the stages of K and V
 }
 
 // The attributes a launch needs: the shared memory opt-in, and for decode clusters above 8 CTAs the non-portable
