@@ -4,7 +4,7 @@
 // Design (FlashAttention-2 on mma.sync; runs on sm_90a): a CTA of 4 warps owns 128 query rows of one head
 // (32 rows, two 16-row m-tiles, per warp: each K/V fragment loaded from shared memory feeds two tensor-core ops;
 // with 16 rows a warp the H200 ran 135-180 TFLOP/s, ldmatrix-bound) and streams 64-key K/V tiles through a
-// double-buffered cp.async ring. Per tile each
+// cp.async ring (double-buffered; three stages for the few-row decode tile). Per tile each
 // warp computes S = Q Kᵀ (fp32), applies the causal / tail mask, updates the online softmax in fp32 with
 // exp2, and accumulates O += P V with P taken straight from the S registers. Causal tiles past the
 // diagonal are never loaded. GQA maps query head h to KV head h / (Hq / Hkv); K/V are never repeated.
