@@ -77,9 +77,15 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         torch.autograd.grad(out, (qp, kp, vp), torch.randn_like(out))
 
     def decode(d: int):
+        from llama3_kernels.bench.harness import env_set
+
         q, kc, vc = r(3, 1, 8, d), r(3, 300, 2, d), r(3, 300, 2, d)
         lens = torch.tensor([1, 150, 300], dtype=torch.int32, device=dev)
-        ops.decode_attention(q, kc, vc, lens)
+        ops.decode_attention(q, kc, vc, lens)  # 5 splits merged in a cluster
+        with env_set({"L3K_DECODE_CLUSTER": "0"}):  # and through the workspaces and the combine kernel
+            ops.decode_attention(q, kc, vc, lens)
+        q = r(2, 5, 8, d)  # 20 rows a KV head: the many-row tile
+        ops.decode_attention(q, kc[:2], vc[:2], lens[1:])
 
     def decode_linear():
         for m in (1, 3):  # N = 37: a last warp with one live row; K = 760 = 95 16-byte chunks
