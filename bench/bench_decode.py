@@ -13,7 +13,8 @@ import torch
 
 from llama3_kernels import ops, reference
 from llama3_kernels.bench.bench_attention import sdpa
-from llama3_kernels.bench.harness import OURS, Case, Context, Impl, compiled
+from llama3_kernels.bench.harness import OURS, Case, Context, Impl, compiled, env_set
+from llama3_kernels.ops._common import switched_off
 
 FAMILY = "decode"
 
@@ -31,6 +32,17 @@ def _inputs(ctx: Context, b: int, length: int, hq: int, hkv: int, d: int):
         }  # fmt: skip
 
     return make
+
+
+def _ours_combine(i):
+    """This project's op with its splits merged by the combine kernel (the path before the cluster merge)."""
+    q, k, v, lens = i["q"], i["k"], i["v"], i["lens"]
+
+    def call():
+        with env_set({"L3K_DECODE_CLUSTER": "0"}):
+            return ops.decode_attention(q, k, v, lens)
+
+    return call
 
 
 def _flash_attn(i):
@@ -79,16 +91,17 @@ def _rope_cases(ctx: Context) -> list[Case]:
 
 def cases(ctx: Context) -> list[Case]:
     if ctx.cpu:
-        hq, hkv, d = 4, 2, 64
-        grid = [(1, 512), (4, 256)]
-    else:
-        hq, hkv, d = 32, 8, 128
-        grid = ctx.pick([(1, 8192), (16, 8192), (1, 131072)], quick=[(1, 8192), (16, 8192)])
+        grid = [(1, 512, 4, 2, 64), (4, 256, 4, 2, 64)]
+    else:  # the issue's shapes (8B heads), then the 1B model's decode step (head dim 64, a 4096-token cache)
+        issue = [(1, 8192, 32, 8, 128), (16, 8192, 32, 8, 128), (1, 131072, 32, 8, 128)]
+        grid = ctx.pick([*issue, (1, 4096, 32, 8, 64)], quick=issue[:2])
     dao_skip = ctx.module_skip("flash_attn", "flash-attn (Dao)")
+    combine_skip = "the cluster merge is off in this run" if switched_off("L3K_DECODE_CLUSTER") else None
     out = []
-    for b, length in grid:
+    for b, length, hq, hkv, d in grid:
         impls = [
             Impl(OURS, lambda i: lambda: ops.decode_attention(i["q"], i["k"], i["v"], i["lens"]), ours=True),
+            Impl(f"{OURS} (split combine kernel)", _ours_combine, ours=True, skip=combine_skip or ctx.needs_cuda()),
             Impl("SDPA flash", sdpa("FLASH_ATTENTION", causal=False)),
             Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION", causal=False), skip=ctx.needs_cuda()),
             Impl("flash-attn (Dao) kvcache", _flash_attn, skip=dao_skip),
