@@ -66,40 +66,45 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 // The next PDL launch may schedule its CTAs once every CTA of this grid has called this or exited.
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
-// RoPE's rotation of one interleaved pair, (x0 + i x1)(c + i s) in fp32, with the contraction written out (one
-// rounded product, then one fma per output) so that every kernel that rotates (rope_cache.cu, the decode GEMV's qkv
-// epilogue) produces the same bits whatever ptxas would have fused. Pass -s for the inverse rotation.
-__device__ __forceinline__ float2 rope_pair(float x0, float x1, float c, float s) {
-  return make_float2(fmaf(x0, c, -__fmul_rn(x1, s)), fmaf(x0, s, __fmul_rn(x1, c)));
-}
-
 inline bool pdl_enabled() { return !env_switch_off("L3K_PDL"); }
 
+// A cudaLaunchConfig_t with its attributes: programmatic serialization (pdl), and clusters of `cluster_x` CTAs along
+// x when that is above 1 (grid.x must be a multiple of it). For cudaLaunchKernelEx and the occupancy queries.
+// Not copyable: `config.attrs` points into `attr`.
+struct LaunchConfig {
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t config{};
+
+  LaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, unsigned cluster_x, bool pdl) {
+    unsigned n = 0;
+    if (pdl) {
+      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster_x > 1) {
+      attr[n].id = cudaLaunchAttributeClusterDimension;
+      attr[n].val.clusterDim.x = cluster_x;
+      attr[n].val.clusterDim.y = attr[n].val.clusterDim.z = 1;
+      ++n;
+    }
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = n;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute when PDL is on,
-// and as clusters of `cluster_x` CTAs along x when that is above 1 (grid.x must be a multiple of it).
+// and as clusters of `cluster_x` CTAs along x when that is above 1.
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                 unsigned cluster_x, Args... args) {
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (pdl_enabled()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster_x > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster_x;
-    attr[n].val.clusterDim.y = attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = n;
-  check_cuda(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...), "cudaLaunchKernelEx");
+  LaunchConfig launch(grid, block, smem, stream, cluster_x, pdl_enabled());
+  check_cuda(cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...), "cudaLaunchKernelEx");
 }
 }  // namespace l3k
 #endif

@@ -435,18 +435,9 @@ template <typename T, int D, class Tile>
 int max_decode_cluster() {
   set_fwd_attributes<T, D, Tile>();
   for (unsigned c : {16u, 8u, 4u, 2u}) {
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = c;
-    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(c);
-    config.blockDim = dim3(kFwdThreads);
-    config.dynamicSmemBytes = fwd_smem<T, D, Tile>();
-    config.attrs = &attr;
-    config.numAttrs = 1;
+    const LaunchConfig launch(dim3(c), dim3(kFwdThreads), fwd_smem<T, D, Tile>(), nullptr, c, false);
     int clusters = 0;
-    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, flash_fwd_kernel<T, D, Tile>, &config);
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, flash_fwd_kernel<T, D, Tile>, &launch.config);
     if (err == cudaSuccess && clusters > 0) return int(c);
     if (err != cudaSuccess) (void)cudaGetLastError();  // a size the device rejects sets the last error: clear it
   }

@@ -23,6 +23,7 @@
 
 #include "attention/attention.h"
 #include "attention/flash_common.cuh"
+#include "attention/rope_cache.cuh"
 #include "common.h"
 
 namespace l3k::attn {
@@ -33,41 +34,26 @@ constexpr int kRopeThreads = 256;  // a token of Llama 3 8B is 768 vectors: 3 de
 struct RopeParams {
   const void* qkv;
   int64_t qkv_stride;  // elements between consecutive tokens
-  const float2* rot;   // [T, D/2]
-  const int64_t* positions;
-  void* q;             // [T, Hq, D]
-  void* k_cache;
-  void* v_cache;
-  int64_t k_stride_b, k_stride_l, v_stride_b, v_stride_l;
-  int S, hq, hkv, d, L;
+  RopeCacheTarget out;
 };
 
 template <typename T>
 __global__ void __launch_bounds__(kRopeThreads) rope_kv_cache_kernel(const RopeParams p) {
   pdl_wait();  // a decode-step kernel: may be a PDL launch (common.h)
   pdl_launch_dependents();
+  const RopeCacheTarget& c = p.out;
   const int64_t tok = blockIdx.x;
-  const int64_t b = tok / p.S;
-  const int64_t pos = p.positions[tok];
-  const bool in_cache = pos >= 0 && pos < p.L;
-  const int vecs_per_head = p.d / 8, nvec = (p.hq + 2 * p.hkv) * vecs_per_head;
+  const int64_t pos = c.positions[tok];
+  const bool in_cache = pos >= 0 && pos < c.L;
+  const int vecs_per_head = c.d / 8, nvec = (c.hq + 2 * c.hkv) * vecs_per_head;
   const T* src = static_cast<const T*>(p.qkv) + tok * p.qkv_stride;
-  const float2* rot = p.rot + tok * (p.d / 2);
+  const float2* rot = c.rot + tok * (c.d / 2);
   for (int vi = threadIdx.x; vi < nvec; vi += kRopeThreads) {
     const int head = vi / vecs_per_head, col = (vi % vecs_per_head) * 8;
-    T* dst;
-    if (head < p.hq) {
-      dst = static_cast<T*>(p.q) + (tok * p.hq + head) * p.d + col;
-    } else if (!in_cache) {
-      continue;
-    } else if (head < p.hq + p.hkv) {
-      dst = static_cast<T*>(p.k_cache) + b * p.k_stride_b + pos * p.k_stride_l + int64_t(head - p.hq) * p.d + col;
-    } else {
-      dst = static_cast<T*>(p.v_cache) + b * p.v_stride_b + pos * p.v_stride_l +
-            int64_t(head - p.hq - p.hkv) * p.d + col;
-    }
-    uint4 x = *reinterpret_cast<const uint4*>(src + int64_t(head) * p.d + col);
-    if (head < p.hq + p.hkv) {
+    T* dst = rope_cache_dst<T>(c, tok, pos, head, col);
+    if (dst == nullptr) continue;
+    uint4 x = *reinterpret_cast<const uint4*>(src + int64_t(head) * c.d + col);
+    if (head < c.hq + c.hkv) {
       uint32_t* w = reinterpret_cast<uint32_t*>(&x);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // pair col / 2 + i: (x0, x1) by (cos, sin)
@@ -112,6 +98,40 @@ __global__ void __launch_bounds__(kRotateThreads) rope_rotate_kernel(const T* x,
 
 namespace l3k {
 
+RopeCacheTarget rope_cache_target(std::uintptr_t rot, std::uintptr_t positions, std::uintptr_t q_out,
+                                  std::uintptr_t k_cache, std::uintptr_t v_cache, std::int64_t tokens, int S, int hq,
+                                  int hkv, int d, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
+                                  std::int64_t v_stride_b, std::int64_t v_stride_l) {
+  require(d > 0 && d % 2 == 0, "d", "expected a positive even head dim, got " + std::to_string(d));
+  require(hq > 0 && hkv > 0, "hkv", "expected positive head counts, got hq=" + std::to_string(hq) +
+                                        " hkv=" + std::to_string(hkv));
+  require(S > 0 && tokens % S == 0, "S", "expected a positive divisor of the token count, got " + std::to_string(S));
+  require(L > 0, "L", "expected a positive cache length, got " + std::to_string(L));
+  if (tokens > 0) {  // (no token: the outputs are empty, and their pointers may be null)
+    const std::pair<const char*, std::uintptr_t> pointers[] = {
+        {"q_out", q_out}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"positions", positions}};
+    for (const auto& [name, address] : pointers) require(address != 0, name, "null pointer");
+    require(rot != 0 && rot % 8 == 0, "rot", "expected an 8-byte aligned fp32 (cos, sin) pair array");
+    require(positions % 8 == 0, "positions", "expected an aligned int64 array");
+  }
+  RopeCacheTarget c{};
+  c.rot = as_ptr<const float2>(rot);
+  c.positions = as_ptr<const std::int64_t>(positions);
+  c.q = as_ptr<void>(q_out);
+  c.k_cache = as_ptr<void>(k_cache);
+  c.v_cache = as_ptr<void>(v_cache);
+  c.k_stride_b = k_stride_b;
+  c.k_stride_l = k_stride_l;
+  c.v_stride_b = v_stride_b;
+  c.v_stride_l = v_stride_l;
+  c.S = S;
+  c.hq = hq;
+  c.hkv = hkv;
+  c.d = d;
+  c.L = L;
+  return c;
+}
+
 void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr_t rot, std::uintptr_t positions,
                    std::uintptr_t q_out, std::uintptr_t k_cache, std::uintptr_t v_cache, std::int64_t tokens, int S,
                    int hq, int hkv, int d, int L, std::int64_t k_stride_b, std::int64_t k_stride_l,
@@ -121,42 +141,24 @@ void rope_kv_cache(std::uintptr_t qkv, std::int64_t qkv_row_stride, std::uintptr
   require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
   require(d > 0 && d % 8 == 0 && d <= 512, "d", "expected a head dim that is a multiple of 8 (<= 512), got " +
                                                      std::to_string(d));
-  require(hq > 0 && hkv > 0, "hkv", "expected positive head counts, got hq=" + std::to_string(hq) +
-                                        " hkv=" + std::to_string(hkv));
   require(tokens >= 0 && tokens <= 0x7fffffff, "tokens", "expected 0 <= tokens < 2^31, got " + std::to_string(tokens));
-  require(S > 0 && tokens % S == 0, "S", "expected a positive divisor of the token count, got " + std::to_string(S));
-  require(L > 0, "L", "expected a positive cache length, got " + std::to_string(L));
+  RopeParams p{};
+  p.out = rope_cache_target(rot, positions, q_out, k_cache, v_cache, tokens, S, hq, hkv, d, L, k_stride_b, k_stride_l,
+                            v_stride_b, v_stride_l);
   require(qkv_row_stride >= (int64_t(hq) + 2 * int64_t(hkv)) * d && qkv_row_stride % 8 == 0, "qkv_row_stride",
           "expected a multiple of 8 that covers (hq + 2 hkv) * d, got " + std::to_string(qkv_row_stride));
   for (std::int64_t s : {k_stride_b, k_stride_l, v_stride_b, v_stride_l})
     require(s % 8 == 0, "k_cache", "cache strides must be multiples of 8 elements (16-byte rows)");
   if (tokens == 0) return;
+  // the kernel moves 16-byte vectors
   const std::pair<const char*, std::uintptr_t> pointers[] = {
       {"qkv", qkv}, {"q_out", q_out}, {"k_cache", k_cache}, {"v_cache", v_cache}};
   for (const auto& [name, address] : pointers) {
     require(address != 0, name, "null pointer");
     require(address % 16 == 0, name, "expected a 16-byte aligned pointer");
   }
-  require(rot != 0 && rot % 8 == 0, "rot", "expected an 8-byte aligned fp32 (cos, sin) pair array");
-  require(positions != 0 && positions % 8 == 0, "positions", "expected an aligned int64 array");
-
-  RopeParams p{};
   p.qkv = as_ptr<const void>(qkv);
   p.qkv_stride = qkv_row_stride;
-  p.rot = as_ptr<const float2>(rot);
-  p.positions = as_ptr<const std::int64_t>(positions);
-  p.q = as_ptr<void>(q_out);
-  p.k_cache = as_ptr<void>(k_cache);
-  p.v_cache = as_ptr<void>(v_cache);
-  p.k_stride_b = k_stride_b;
-  p.k_stride_l = k_stride_l;
-  p.v_stride_b = v_stride_b;
-  p.v_stride_l = v_stride_l;
-  p.S = S;
-  p.hq = hq;
-  p.hkv = hkv;
-  p.d = d;
-  p.L = L;
   const cudaStream_t s = as_stream(stream);
   if (dt == DType::BF16) launch_pdl(rope_kv_cache_kernel<__nv_bfloat16>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, 1u, p);
   else launch_pdl(rope_kv_cache_kernel<__half>, dim3(unsigned(tokens)), dim3(kRopeThreads), 0, s, 1u, p);

@@ -28,8 +28,8 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
-#include <utility>
 
+#include "attention/rope_cache.cuh"
 #include "common.h"
 #include "gemm/gemm.h"
 #include "gemm/gemm_internal.h"
@@ -53,14 +53,7 @@ struct Params {
   const void* w;  // [N, K]
   void* y;        // [M, N] (unused by the qkv epilogue)
   int n, k;
-  // the qkv epilogue: N = (hq + 2 hkv) d; token m belongs to batch row m / S of the caches [Bmax, L, hkv, d]
-  const float2* rot;          // [M, d/2] (cos, sin)
-  const int64_t* positions;   // [M]; outside [0, L): no cache write, NaN q
-  void* q_out;                // [M, hq, d]
-  void* k_cache;
-  void* v_cache;
-  int64_t k_stride_b, k_stride_l, v_stride_b, v_stride_l;
-  int S, hq, hkv, d, L;
+  RopeCacheTarget rope;  // the qkv epilogue's (N = (hq + 2 hkv) d; a position outside [0, L): no write, NaN q)
 };
 
 using norm::from_f;
@@ -165,26 +158,20 @@ __device__ __forceinline__ void prologue(const Params& p, T* xs) {
 // The qkv epilogue for the pair (row0, row0 + 1) of token m: lane m·2 + r holds y[m, row0 + r] as `mine`, `other`
 // is its partner's; writes element row0 + r of q, the k cache or the v cache.
 template <typename T>
-__device__ __forceinline__ void rope_cache_store(const Params& p, int m, int row0, int r, T mine, T other) {
-  const int head = row0 / p.d, col = row0 % p.d + r;
-  const int64_t pos = p.positions[m], b = m / p.S;
-  const bool in_cache = pos >= 0 && pos < p.L;
-  if (head >= p.hq && !in_cache) return;
-  if (head >= p.hq + p.hkv) {  // v: copied
-    static_cast<T*>(p.v_cache)[b * p.v_stride_b + pos * p.v_stride_l + int64_t(head - p.hq - p.hkv) * p.d + col] =
-        mine;
+__device__ __forceinline__ void rope_cache_store(const RopeCacheTarget& c, int m, int row0, int r, T mine, T other) {
+  const int head = row0 / c.d, col = row0 % c.d + r;
+  const int64_t pos = c.positions[m];
+  T* dst = rope_cache_dst<T>(c, m, pos, head, col);
+  if (dst == nullptr) return;
+  if (head >= c.hq + c.hkv) {  // v: copied
+    *dst = mine;
     return;
   }
-  const float2 cs = p.rot[int64_t(m) * (p.d / 2) + col / 2];
+  const float2 cs = c.rot[int64_t(m) * (c.d / 2) + col / 2];
   const float x0 = to_f(r == 0 ? mine : other), x1 = to_f(r == 0 ? other : mine);
   const float2 y = rope_pair(x0, x1, cs.x, cs.y);
-  float v = r == 0 ? y.x : y.y;
-  if (head < p.hq) {
-    if (!in_cache) v = __int_as_float(0x7fc00000);
-    static_cast<T*>(p.q_out)[(int64_t(m) * p.hq + head) * p.d + col] = from_f<T>(v);
-  } else {
-    static_cast<T*>(p.k_cache)[b * p.k_stride_b + pos * p.k_stride_l + int64_t(head - p.hq) * p.d + col] = from_f<T>(v);
-  }
+  const bool nan_q = head < c.hq && (pos < 0 || pos >= c.L);  // a q head of a token outside the cache
+  *dst = from_f<T>(nan_q ? __int_as_float(0x7fc00000) : r == 0 ? y.x : y.y);
 }
 
 template <typename T, int M, int P, bool kRope>
@@ -262,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(const Params p) {
     if constexpr (kRope) {
       static_assert(R == 2, "the qkv epilogue needs whole RoPE pairs in a warp");
       const T mine = from_f<T>(sum), other = from_f<T>(__shfl_xor_sync(0xffffffffu, sum, 1));
-      if (lane < M * R && row0 < p.n) rope_cache_store<T>(p, lane / R, row0, lane % R, mine, other);
+      if (lane < M * R && row0 < p.n) rope_cache_store<T>(p.rope, lane / R, row0, lane % R, mine, other);
       continue;
     }
     if (lane < M * R) {  // lane m·R + r writes y[m, row0 + r]
@@ -370,34 +357,13 @@ void decode_gemv_rope_cache(std::uintptr_t x, std::int64_t x_stride, std::uintpt
                             std::uintptr_t v_cache, int S, int hq, int hkv, int d, int L, std::int64_t k_stride_b,
                             std::int64_t k_stride_l, std::int64_t v_stride_b, std::int64_t v_stride_l, int dtype,
                             int num_sms, std::uintptr_t stream) {
-  require(d > 0 && d % 2 == 0, "d", "expected a positive even head dim, got " + std::to_string(d));
-  require(hq > 0 && hkv > 0, "hkv", "expected positive head counts, got hq=" + std::to_string(hq) +
-                                        " hkv=" + std::to_string(hkv));
-  require(S > 0 && m % S == 0, "S", "expected a positive divisor of the token count, got " + std::to_string(S));
-  require(L > 0, "L", "expected a positive cache length, got " + std::to_string(L));
+  const RopeCacheTarget rope = rope_cache_target(rot, positions, q_out, k_cache, v_cache, m, S, hq, hkv, d, L,
+                                                 k_stride_b, k_stride_l, v_stride_b, v_stride_l);
   const std::int64_t n = (std::int64_t(hq) + 2 * std::int64_t(hkv)) * d;
   require(n <= 0x7fffffff - kRowsPerCta, "hq", "(hq + 2 hkv) d exceeds 2^31 - 16 weight rows");
-  const std::pair<const char*, std::uintptr_t> pointers[] = {
-      {"q_out", q_out}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"positions", positions}};
-  for (const auto& [name, address] : pointers) require(address != 0, name, "null pointer");
-  require(rot != 0 && rot % 8 == 0, "rot", "expected an 8-byte aligned fp32 (cos, sin) pair array");
-  require(positions % 8 == 0, "positions", "expected an aligned int64 array");
   require(q_out % 2 == 0 && k_cache % 2 == 0 && v_cache % 2 == 0, "q_out", "expected 16-bit aligned outputs");
   Params p = checked_params(x, x_stride, residual, norm_w, h_out, eps, kRmsNorm, w, 0, m, int(n), k, dtype, num_sms);
-  p.rot = as_ptr<const float2>(rot);
-  p.positions = as_ptr<const std::int64_t>(positions);
-  p.q_out = as_ptr<void>(q_out);
-  p.k_cache = as_ptr<void>(k_cache);
-  p.v_cache = as_ptr<void>(v_cache);
-  p.k_stride_b = k_stride_b;
-  p.k_stride_l = k_stride_l;
-  p.v_stride_b = v_stride_b;
-  p.v_stride_l = v_stride_l;
-  p.S = S;
-  p.hq = hq;
-  p.hkv = hkv;
-  p.d = d;
-  p.L = L;
+  p.rope = rope;
   const DType dt = to_dtype(dtype, "dtype");
   if (dt == DType::BF16) return dispatch_m<__nv_bfloat16, kRmsNorm, true>(p, m, num_sms, as_stream(stream));
   dispatch_m<__half, kRmsNorm, true>(p, m, num_sms, as_stream(stream));
