@@ -8,7 +8,11 @@
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_C, m) {
+#ifndef L3K_MODULE
+#define L3K_MODULE _C  // the CPU emulator (csrc/emu/build.py) builds these bindings as _C_emu
+#endif
+
+PYBIND11_MODULE(L3K_MODULE, m) {
   m.doc() = "llama3_kernels compiled kernels (raw-pointer launchers; use the ops in llama3_kernels.ops)";
   m.def("build_info", [] {
     py::dict d;
@@ -17,6 +21,10 @@ PYBIND11_MODULE(_C, m) {
     d["compiler"] = __VERSION__;
     return d;
   });
+
+#ifdef L3K_EMU
+  m.def("emu_launches", &emu::launches, "kernels the CPU emulator ran since the module loaded");
+#endif
 
   // ---- norm family: csrc/norm/ -------------------------------------------------------------------
   namespace nrm = l3k::norm;

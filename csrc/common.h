@@ -37,7 +37,7 @@ inline void require(bool ok, const char* arg, const std::string& what) {
 
 }  // namespace l3k
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(L3K_EMU)  // L3K_EMU: the CPU emulator (csrc/emu/emu.h)
 #include <cuda_runtime.h>
 
 namespace l3k {
@@ -62,9 +62,14 @@ namespace l3k {
 // parameters, which no decode step writes; a caller must not pass as w the output of the previous op). On by default;
 // L3K_PDL=0 launches them plainly (bench/device_check.sh sets it when PDL's tests fail), and then pdl_wait()
 // returns at once.
+#ifdef L3K_EMU  // launches run one after another there
+__device__ __forceinline__ void pdl_wait() {}
+__device__ __forceinline__ void pdl_launch_dependents() {}
+#else
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 // The next PDL launch may schedule its CTAs once every CTA of this grid has called this or exited.
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#endif
 
 inline bool pdl_enabled() { return !env_switch_off("L3K_PDL"); }
 

@@ -1,0 +1,288 @@
+"""The kernels' own code run on this machine's CPU by the emulator (csrc/emu): no GPU needed.
+
+The emulator executes each CUDA thread as a fiber, with ldmatrix, mma.sync and the shuffles computed from all 32
+lanes' operands in the PTX fragment layouts, shared memory poisoned with NaN bytes, and deadlocks, divergent
+collectives or stray shared addresses reported as errors. It checks a kernel's logic (indexing, masking, split and
+merge arithmetic, pipeline bookkeeping, what is written where), not its timing or races: the H100 still has the
+last word (tests/*_cuda.py, bench/device_check.sh). The prefill attention and norm kernels passed on an H200 in
+session 2: their rows here check the emulator itself against the references; the decode GEMV, the q/k/v RoPE + cache
+epilogue, the cluster merge, the 3-stage decode ring and the cross-entropy kernels have not met a GPU yet.
+
+Tolerances: outputs are 16-bit, so |kernel - fp32 reference| is judged against 2^-8 relative (one bf16 rounding)
+plus the 16-bit rounding of the intermediates the kernels feed to the tensor cores (P, dS: a few 2^-8 relative
+terms); the emulator's mma sums exactly and rounds once, so these bounds are the hardware's or looser.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import emu
+import pytest
+import torch
+
+from llama3_kernels import reference
+from llama3_kernels.ops import attention, linear, loss, norm, quant
+from llama3_kernels.ops._common import DTYPE_CODES, kernel, ptr
+
+rope = importlib.import_module("llama3_kernels.ops.rope")  # the package's `rope` and `swiglu` are the functions
+swiglu = importlib.import_module("llama3_kernels.ops.swiglu")
+
+pytestmark = pytest.mark.skipif(emu.available() is not None, reason=f"emulator: {emu.available()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emu_module(one_thread):
+    emu.module()  # build once (cached under build/emu/)
+
+
+def _randn(gen, *shape, scale=1.0, dtype=torch.bfloat16):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _close(name, got, want, atol, rtol):
+    got, want = got.float(), want.float()
+    assert not got.isnan().any(), f"{name}: NaN in the kernel's output (an unwritten element)"
+    err = (got - want).abs()
+    bound = atol + rtol * want.abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{name}: max error {err.max().item():.3g}, {worst:.2f}x the bound"
+
+
+# ------------------------------------------------------------------------------------- prefill attention
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_fwd_bwd(gen, d, causal):
+    b, s, sk, hq, hkv = 2, 77, 77, 4, 2
+    q, k, v = _randn(gen, b, s, hq, d), _randn(gen, b, sk, hkv, d), _randn(gen, b, sk, hkv, d)
+    scale = d**-0.5
+    out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, None, None, s, sk, causal, scale)
+    ro, rl = reference.flash_attention(q.float(), k.float(), v.float(), causal, scale, None, None)
+    _close("out", out, ro, atol=4e-3, rtol=2e-2)
+    _close("lse", lse, rl, atol=1e-4, rtol=0)
+    dout = _randn(gen, b, s, hq, d)
+    dq, dk, dv = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, None, None, s, sk, causal, scale,
+                         True)  # fmt: skip
+    grads = reference.flash_attention_backward(dout.float(), q.float(), k.float(), v.float(), causal, scale, None, None)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        _close(name, got, want, atol=2e-2 * want.abs().max().item(), rtol=3e-2)
+
+
+def test_flash_varlen(gen):
+    lens = [5, 64, 1, 130]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    t, hq, hkv, d = sum(lens), 4, 1, 64
+    q, k, v = _randn(gen, t, hq, d), _randn(gen, t, hkv, d), _randn(gen, t, hkv, d)
+    out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, cu, cu, max(lens), max(lens), True, 0.125)
+    ro, rl = reference.flash_attention(q.float(), k.float(), v.float(), True, 0.125, cu, cu)
+    _close("out", out, ro, atol=4e-3, rtol=2e-2)
+    _close("lse", lse, rl, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- decode attention
+def _decode_case(gen, b, sq, hq, hkv, d, length):
+    q, kc, vc = _randn(gen, b, sq, hq, d), _randn(gen, b, length, hkv, d), _randn(gen, b, length, hkv, d)
+    lens = torch.randint(sq, length + 1, (b,), generator=gen)
+    lens[0] = length
+    if b > 1:
+        lens[1] = sq + 2  # most of its splits see no key
+    return q, kc, vc, lens.to(torch.int32)
+
+
+def _decode_launch(q, kc, vc, lens, splits, cluster):
+    b, sq, hq, d = q.shape
+    hkv, length = kc.shape[2], kc.shape[1]
+    out = torch.full_like(q, float("nan"))
+    o_acc = torch.full((splits, b, sq, hq, d), float("nan"))
+    lse_acc = torch.full((splits, b, sq, hq), float("nan"))
+    with emu.emulated():
+        kernel("decode_attn")(
+            ptr(q), ptr(kc), ptr(vc), ptr(lens), ptr(out), ptr(o_acc), ptr(lse_acc), splits, cluster, b, sq, hq, hkv,
+            d, length, kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), d**-0.5, DTYPE_CODES[q.dtype],
+            emu.NUM_SMS, 0,
+        )  # fmt: skip
+    return out
+
+
+# (b, sq, hq, hkv, d, length, splits): one token of a 4-head group (the few-row tile, 3-stage ring), five tokens of a
+# 4-head group (20 rows: the many-row tile), the 1B decode shape's heads at D = 64, splits past the tiles
+# (the full sequence's keys reach every split; the second sequence's splits are mostly empty)
+DECODE_CASES = [
+    (2, 1, 8, 2, 128, 300, 5),
+    (2, 5, 8, 2, 64, 250, 4),
+    (1, 1, 32, 8, 64, 520, 9),
+    (1, 2, 4, 1, 128, 100, 2),
+    (1, 1, 4, 4, 64, 1000, 16),
+    (1, 1, 8, 2, 64, 1000, 2),  # 8 tiles a split: the decode ring wraps
+    (2, 1, 4, 1, 128, 777, 3),
+    (1, 3, 8, 2, 64, 500, 1),  # one split: no merge
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_attention_cluster_equals_combine(gen, case):
+    """The cluster merge gives the combine kernel's bits, and both the reference's values."""
+    b, sq, hq, hkv, d, length, splits = case
+    q, kc, vc, lens = _decode_case(gen, b, sq, hq, hkv, d, length)
+    combined = _decode_launch(q, kc, vc, lens, splits, False)
+    clustered = _decode_launch(q, kc, vc, lens, splits, True)
+    want = reference.decode_attention(q.float(), kc.float(), vc.float(), lens, d**-0.5)
+    _close("combine path", combined, want, atol=4e-3, rtol=2e-2)
+    assert torch.equal(clustered, combined), "the cluster merge differs from the combine kernel"
+
+
+@pytest.mark.parametrize("cluster_switch", ["1", "0"])
+def test_decode_attention_op(gen, cluster_switch, monkeypatch):
+    """The op's own split choice, with the cluster merge allowed or switched off."""
+    monkeypatch.setenv("L3K_DECODE_CLUSTER", cluster_switch)
+    q, kc, vc, lens = _decode_case(gen, 2, 1, 8, 2, 64, 333)
+    out = emu.run(attention._decode_attn_cuda, q, kc, vc, lens, 0.125)
+    want = reference.decode_attention(q.float(), kc.float(), vc.float(), lens, 0.125)
+    _close("out", out, want, atol=4e-3, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------- decode GEMV
+def _gemv_ref(x, w, res, g, prologue, k):
+    if prologue == linear.RMS_NORM:
+        a, h, _ = reference.rms_norm(x, g, 1e-5, res)
+    elif prologue == linear.SWIGLU:
+        a, h = reference.swiglu(x[:, :k], x[:, k : 2 * k]), None
+    else:
+        a, h = x, None
+    return a.double() @ w.double().T, a, h
+
+
+@pytest.mark.parametrize("prologue", [linear.NONE, linear.RMS_NORM, linear.SWIGLU])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_decode_gemv(gen, prologue, m):
+    n, k = 200, 264  # K not a multiple of the 256-element stride a warp covers
+    x = _randn(gen, m, 2 * k if prologue == linear.SWIGLU else k, scale=2.0)
+    w = _randn(gen, n, k, scale=0.05)
+    res = _randn(gen, m, k) if prologue == linear.RMS_NORM else None
+    g = (1 + _randn(gen, k, scale=0.5)) if prologue == linear.RMS_NORM else None
+    y, h = emu.run(linear._decode_gemv_cuda, x, w, res, g, 1e-5, prologue)
+    want, a, h_ref = _gemv_ref(x, w, res, g, prologue, k)
+    mag = (a.double().abs() @ w.double().abs().T).float()  # Σ|a w|: covers one-ulp flips of a and the fp32 sums
+    err = (y.double() - want).abs()
+    assert not y.isnan().any()
+    assert (err <= 2**-8 * want.abs() + 2**-10 * mag.double()).all(), f"y: max error {err.max().item():.3g}"
+    if h_ref is not None:
+        assert torch.equal(h, h_ref), "h (x + residual) differs from the reference's rounding"
+
+
+@pytest.mark.parametrize("b,s,hq,hkv,d", [(1, 1, 32, 8, 64), (2, 2, 4, 2, 128), (3, 1, 6, 3, 64)])
+def test_decode_qkv_rope_cache_equals_unfused(gen, b, s, hq, hkv, d):
+    """The q/k/v GEMV's RoPE + cache epilogue gives the bits of the GEMV followed by rope_kv_cache."""
+    m, k, length = b * s, 96, 40
+    n = (hq + 2 * hkv) * d
+    x, w, res = _randn(gen, m, k), _randn(gen, n, k, scale=0.1), _randn(gen, m, k)
+    g = 1 + _randn(gen, k, scale=0.5)
+    pos = torch.randint(0, length - s, (b, 1), generator=gen) + torch.arange(s)
+    angles = pos[..., None].double() * torch.rand(d // 2, generator=gen, dtype=torch.float64)
+    rot = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).float().contiguous()  # [b, s, d/2, 2]
+    kc1, vc1 = (torch.full((b, length, hkv, d), float("nan"), dtype=torch.bfloat16) for _ in range(2))
+    kc2, vc2 = kc1.clone(), vc1.clone()
+    q1, h1 = emu.run(linear._decode_qkv_rope_cache_cuda, x, w, res, g, 1e-5, rot, pos, kc1, vc1, hq)
+    y, h2 = emu.run(linear._decode_gemv_cuda, x, w, res, g, 1e-5, linear.RMS_NORM)
+    q2 = emu.run(rope._rope_kv_cache_cuda, y.view(b, s, n), rot, pos, kc2, vc2, hq)
+    assert not q1.isnan().any()
+    assert torch.equal(q1, q2) and torch.equal(h1, h2)
+    kc3, vc3 = kc1.clone(), vc1.clone()
+    q3 = rope._reference(y.view(b, s, n), rot, pos, kc3, vc3, hq)  # torch's RoPE on the same GEMV output
+    _close("q", q1, q3, atol=1e-6, rtol=2**-8)
+    _close("k_cache", kc1.nan_to_num(), kc3.nan_to_num(), atol=1e-6, rtol=2**-8)
+    assert torch.equal(vc1.view(torch.int16), vc3.view(torch.int16)), "v_cache: v is copied, not rounded again"
+    for name, got, want in (("k_cache", kc1, kc2), ("v_cache", vc1, vc2)):  # bits: the unwritten rows stay NaN
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: the writes differ"
+        written = ~got.isnan().all(-1).all(-1)
+        assert written.sum() == s * b, f"{name}: expected {b * s} token rows written, got {written.sum()}"
+
+
+# ------------------------------------------------------------------------------------- norms, loss
+def test_rms_norm_fwd_bwd(gen):
+    x, res, w = _randn(gen, 37, 520), _randn(gen, 37, 520), 1 + _randn(gen, 520, scale=0.3)
+    y, h, rstd = emu.run(norm._rms_norm_fwd_cuda, x, w, res, 1e-5)
+    ry, rh, rr = reference.rms_norm(x, w, 1e-5, res)
+    assert torch.equal(h, rh)
+    _close("y", y, ry, atol=1e-2, rtol=2**-7)
+    _close("rstd", rstd, rr, atol=0, rtol=1e-5)
+
+
+def test_cross_entropy(gen):
+    m, v = 9, 1000
+    logits = _randn(gen, m, v, scale=3.0)
+    targets = torch.randint(0, v, (m,), generator=gen)
+    targets[2] = -100
+    got_loss, got_lse = emu.run(loss._cross_entropy_fwd_cuda, logits, targets, -100)
+    want_loss, want_lse = reference.cross_entropy(logits, targets, -100)
+    _close("lse", got_lse, want_lse, atol=1e-4, rtol=1e-5)
+    _close("loss", got_loss, want_loss, atol=1e-4, rtol=1e-5)
+    grad = torch.rand(m, generator=gen)
+    dlogits = emu.run(loss._cross_entropy_bwd_cuda, grad, logits, targets, got_lse, -100)
+    want = (torch.softmax(logits.float(), -1) - torch.nn.functional.one_hot(targets.clamp(min=0), v)) * grad[:, None]
+    want[2] = 0
+    _close("dlogits", dlogits, want, atol=1e-6, rtol=2**-7)
+
+
+def test_rms_norm_bwd(gen):
+    dy, h, w = _randn(gen, 21, 776), _randn(gen, 21, 776), 1 + _randn(gen, 776, scale=0.3)
+    dh = _randn(gen, 21, 776)
+    _, _, rstd = reference.rms_norm(h, w, 1e-5, None)
+    dx, dw = emu.run(norm._rms_norm_bwd_cuda, dy, h, w, rstd, dh)
+    rdx, rdw = reference.rms_norm_backward(dy, h, w, rstd, dh)
+    _close("dx", dx, rdx, atol=1e-2, rtol=2**-7)
+    _close("dw", dw, rdw, atol=1e-2, rtol=2**-7)
+
+
+def test_swiglu_fwd_bwd(gen):
+    gate, up, dy = _randn(gen, 13, 1000, scale=3.0), _randn(gen, 13, 1000), _randn(gen, 13, 1000)
+    _close("y", emu.run(swiglu._swiglu_fwd_cuda, gate, up), reference.swiglu(gate, up), atol=1e-5, rtol=2**-7)
+    dgate, dup = emu.run(swiglu._swiglu_bwd_cuda, dy, gate, up)
+    rdg, rdu = reference.swiglu_backward(dy, gate, up)
+    _close("dgate", dgate, rdg, atol=1e-5, rtol=2**-7)
+    _close("dup", dup, rdu, atol=1e-5, rtol=2**-7)
+
+
+def _fp8_close(name, q, scale, want_q, want_scale):
+    """e4m3 codes may sit one step from the reference's where the fp32 math differs in the last bit."""
+    _close(f"{name} scale", scale, want_scale, atol=0, rtol=1e-6)
+    _close(f"{name} q", q.float(), want_q.float(), atol=2**-9, rtol=2**-3)
+
+
+def test_fp8_quantize_family(gen):
+    x, res, w = _randn(gen, 11, 528, scale=200.0), _randn(gen, 11, 528), 1 + _randn(gen, 528, scale=0.3)
+    x[3, 7] = 5000.0  # above the amax bound: clamps to 448
+    q, scale = emu.run(quant._quantize_cuda, x, 1200.0)
+    _fp8_close("quantize", q, scale, *reference.quantize_fp8_rowwise(x, 1200.0))
+    q, scale, h = emu.run(norm._rms_norm_fp8_cuda, x, w, res, 1e-5, 1200.0)
+    want_q, want_scale, want_h = reference.rms_norm_fp8(x, w, 1e-5, res, 1200.0)
+    _fp8_close("rms_norm_fp8", q, scale, want_q, want_scale)
+    assert torch.equal(h, want_h)
+    q, scale = emu.run(swiglu._swiglu_fp8_cuda, x, res, 1200.0)
+    _fp8_close("swiglu_fp8", q, scale, *reference.swiglu_fp8(x, res, 1200.0))
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_fp8_gemv(gen, m):
+    """fp8_rowwise_mm's GEMV path (M <= 4): exact products of e4m3 codes, fp32 sums, one output rounding."""
+    n, k = 96, 528
+    xq, x_scale = reference.quantize_fp8_rowwise(_randn(gen, m, k))
+    wq, w_scale = reference.quantize_fp8_rowwise(_randn(gen, n, k))
+    bias = torch.randn(n, generator=gen)
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    with emu.emulated():
+        kernel("fp8_rowwise_mm")(
+            ptr(xq), ptr(x_scale), ptr(wq), ptr(w_scale), ptr(bias), DTYPE_CODES[torch.float32], ptr(y), m, n, k,
+            DTYPE_CODES[torch.bfloat16], 0,
+        )  # fmt: skip
+    want = reference.fp8_rowwise_mm(xq, x_scale, wq, w_scale, bias, torch.float32)
+    _close("y", y, want, atol=1e-5 * want.abs().max().item(), rtol=2**-8)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_rotate(gen, inverse):
+    x = _randn(gen, 9, 6, 64)
+    angles = torch.rand(9, 32, generator=gen, dtype=torch.float64) * 100
+    rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    got = emu.run(rope._rope_rotate_cuda, x, torch.view_as_real(rot).contiguous(), inverse)
+    _close("x", got, reference.rope_rotate(x, rot, inverse), atol=1e-6, rtol=2**-8)
