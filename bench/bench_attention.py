@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from llama3_kernels import ops
 from llama3_kernels.bench.harness import OURS, PEAK_TFLOPS, Case, Context, Impl, compiled, env_set
+from llama3_kernels.ops._common import switched_off
 
 FAMILY = "attention"
 DOC_SEED = 1234  # the document layout is fixed so rows stay comparable across runs
@@ -107,6 +108,19 @@ def _ours_sm90(i):
     return call
 
 
+def _ours_dq_kernel(i):
+    """This project's op with the backward's separate dQ kernel (the deterministic path) instead of dQ fused into
+    the dK/dV kernel."""
+    with env_set({"L3K_BWD_FUSED_DQ": "0"}):
+        ours = _ours(i)
+
+    def call():
+        with env_set({"L3K_BWD_FUSED_DQ": "0"}):
+            return ours()
+
+    return call
+
+
 def _flex(i):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -183,6 +197,7 @@ def cases(ctx: Context) -> list[Case]:
     compile_skip = ctx.compile_skip()
     dao_skip = ctx.module_skip("flash_attn", "flash-attn (Dao)")
     cuda_skip = ctx.needs_cuda()
+    dq_skip = cuda_skip or ("the fused dQ is off in this run" if switched_off("L3K_BWD_FUSED_DQ") else None)
     peak = PEAK_TFLOPS["bf16"]
     out = []
     for b, s, hd in causal:
@@ -197,6 +212,8 @@ def cases(ctx: Context) -> list[Case]:
                 Impl("FlexAttention (compiled)", _flex, skip=compile_skip, compiles=True),
                 Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
             ]
+            if mode == "bwd":
+                impls.insert(2, Impl(f"{OURS} (dQ kernel, deterministic)", _ours_dq_kernel, ours=True, skip=dq_skip))
             flops = fwd_flops * (2.5 if mode == "bwd" else 1.0)
             formula = "FLOPs = 4·B·H·S²·D / 2 (causal)" + (" × 2.5 (bwd)" if mode == "bwd" else "")
             out.append(Case(FAMILY, "flash_attention causal", mode, f"B={b} S={s} H={hq}/{hkv} D={hd}", "bf16",
@@ -216,6 +233,8 @@ def cases(ctx: Context) -> list[Case]:
             Impl("FlexAttention (compiled)", _flex, skip=compile_skip, compiles=True),
             Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
         ]
+        if mode == "bwd":
+            impls.insert(2, Impl(f"{OURS} (dQ kernel, deterministic)", _ours_dq_kernel, ours=True, skip=dq_skip))
         flops = 4.0 * hq * d * pairs * (2.5 if mode == "bwd" else 1.0)
         formula = "FLOPs = 4·H·D·Σ L(L+1)/2 over documents (exact causal pairs)" + (" × 2.5" if mode == "bwd" else "")
         shape = f"B={b} S={s} H={hq}/{hkv} D={d} docs={sum(len(x) for x in docs)}"

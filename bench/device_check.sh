@@ -16,9 +16,9 @@
 #      A start took ~40 s there; the whole run with the build skipped ~230 s then (more phases since: expect
 #      ~400-500 s), leaving room for a second call after a fix (give_back in between: idle time counts). The
 #      sm90gate phase runs the never-run Hopper attention kernels standalone first, then (sm90tests) their GPU
-#      tests in a process of their own; clustergate, gemvgate, cegate, ropegate and pdlgate do the same for the
-#      decode attention's cluster merge, the decode GEMV, cross_entropy, rope and PDL (default paths, never run
-#      when written). A kernel that fails is kept
+#      tests in a process of their own; clustergate, gemvgate, cegate, ropegate, dqgate and pdlgate do the same for
+#      the decode attention's cluster merge, the decode GEMV, cross_entropy, rope, the backward's fused dQ and PDL
+#      (default paths, never run on a GPU when written; tests/test_emu.py runs their code on the CPU emulator). A kernel that fails is kept
 #      out of the rest of the run (tests, sanitizer, bench), so a pipeline hang or a fault cannot take it down.
 #   3. The files come back read-only under the reply's files_at. Commit the two results files unchanged:
 #        cp <files_at>/<stem>.json <files_at>/<stem>.md bench/results/
@@ -40,7 +40,7 @@
 # Writes at most 7 files into OUT (no subfolders): <stem>.json, <stem>.md, summary.txt, logs.tar.gz,
 # plots.tar.gz (+ a <stem>.*.tmp if the bench was killed mid-write). summary.txt and logs.tar.gz are
 # refreshed after every phase.
-# Knobs: L3K_CHECK_BUDGET_S; L3K_BENCH_OPS (the bench's families, in run order); L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,clustergate,gemvgate,cegate,ropegate,pdlgate,tests,sanitize,profile,sweep,trace,dev,bench);
+# Knobs: L3K_CHECK_BUDGET_S; L3K_BENCH_OPS (the bench's families, in run order); L3K_SKIP (comma list of phases to skip: build,sm90gate,sm90tests,clustergate,gemvgate,cegate,ropegate,dqgate,pdlgate,tests,sanitize,profile,sweep,trace,dev,bench);
 # L3K_BENCH_ARGS (extra `l3k bench` flags: "--quick", "--ops norm,gemm", "--no-compiled"); MAX_JOBS
 # (default: all cores); L3K_SANITIZE (default memcheck,racecheck); PYTHON (default python3); L3K_PREBUILT=1 (use
 # a carried python/llama3_kernels/_C.cpython-312-*.so built here with Python 3.12: see bench/build_cp312.sh).
@@ -215,8 +215,8 @@ export L3K_SM90_GATE
 say "sm90 kernels kept out of this run: ${L3K_SM90_GATE:-none}"
 
 # Kernels that run by default but had never run on a GPU when this was written: the cluster merge of the decode
-# attention's splits, the decode GEMV (a fused model's decode step), cross_entropy and rope (the training step),
-# and PDL (programmatic dependent launch of the decode kernels). Each one's tests go first, in a process of their
+# attention's splits, the decode GEMV (a fused model's decode step), cross_entropy, rope and the backward's fused dQ
+# (the training step), and PDL (programmatic dependent launch of the decode kernels). Each one's tests go first, in a process of their
 # own; if they fail, its switch keeps the rest of the run on the unfused ops, the reference or plain launches (a
 # fault would poison the test process's CUDA context), and the main tests skip that file. The kernels' gates run
 # without PDL, so that a PDL fault cannot turn a kernel off; PDL's own gate comes last, on top of them.
@@ -224,7 +224,8 @@ TEST_IGNORE=()
 # (name:tests:switch:cap in s; a hang costs its cap, a pass takes 10-30 s)
 for gate in clustergate:tests/test_decode_cluster_cuda.py:L3K_DECODE_CLUSTER:60 \
   gemvgate:tests/test_decode_gemv_cuda.py:L3K_DECODE_GEMV:90 cegate:tests/test_loss_cuda.py:L3K_CROSS_ENTROPY:60 \
-  ropegate:tests/test_rope_cuda.py:L3K_ROPE:60 pdlgate:tests/test_pdl_cuda.py:L3K_PDL:90; do
+  ropegate:tests/test_rope_cuda.py:L3K_ROPE:60 dqgate:tests/test_flash_bwd_fused_cuda.py:L3K_BWD_FUSED_DQ:60 \
+  pdlgate:tests/test_pdl_cuda.py:L3K_PDL:90; do
   IFS=: read -r name file switch cap <<<"$gate"
   no_pdl=(env L3K_PDL=0)
   [[ $name == pdlgate ]] && no_pdl=()

@@ -66,12 +66,14 @@ PYBIND11_MODULE(L3K_MODULE, m) {
         py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("max_seqlen"), py::arg("max_seqlen_k"), py::arg("total_q"),
         py::arg("hq"), py::arg("hkv"), py::arg("d"), py::arg("causal"), py::arg("softmax_scale"), py::arg("dtype"),
         py::arg("num_sms"), py::arg("stream"));
-  m.def("flash_attn_bwd", &l3k::flash_attn_bwd, "flash attention backward: dq, dk, dv (deterministic)",
+  m.def("flash_attn_bwd", &l3k::flash_attn_bwd,
+        "flash attention backward: dq, dk, dv (dq_accum: the fp32 workspace of the fused, atomic dQ; 0: the "
+        "deterministic dq kernel)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dsum"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens"), py::arg("cu_seqlens_k"), py::arg("batch"),
         py::arg("max_seqlen"), py::arg("max_seqlen_k"), py::arg("total_q_or_S"), py::arg("total_k_or_Sk"),
         py::arg("hq"), py::arg("hkv"), py::arg("d"), py::arg("causal"), py::arg("softmax_scale"),
-        py::arg("deterministic"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
+        py::arg("deterministic"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"), py::arg("dq_accum") = 0);
   m.def("decode_attn", &l3k::decode_attn,
         "KV-cache decode attention, split-KV merged in a cluster's shared memory or by a combine kernel",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"),

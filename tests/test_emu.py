@@ -52,7 +52,8 @@ def _close(name, got, want, atol, rtol):
 # ------------------------------------------------------------------------------------- prefill attention
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_fwd_bwd(gen, d, causal):
+@pytest.mark.parametrize("deterministic", [True, False])  # the dq kernel, or dQ fused into dkdv (atomics)
+def test_flash_fwd_bwd(gen, d, causal, deterministic):
     b, s, sk, hq, hkv = 2, 77, 77, 4, 2
     q, k, v = _randn(gen, b, s, hq, d), _randn(gen, b, sk, hkv, d), _randn(gen, b, sk, hkv, d)
     scale = d**-0.5
@@ -62,7 +63,7 @@ def test_flash_fwd_bwd(gen, d, causal):
     _close("lse", lse, rl, atol=1e-4, rtol=0)
     dout = _randn(gen, b, s, hq, d)
     dq, dk, dv = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, None, None, s, sk, causal, scale,
-                         True)  # fmt: skip
+                         deterministic)  # fmt: skip
     grads = reference.flash_attention_backward(dout.float(), q.float(), k.float(), v.float(), causal, scale, None, None)
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
         _close(name, got, want, atol=2e-2 * want.abs().max().item(), rtol=3e-2)
@@ -77,6 +78,13 @@ def test_flash_varlen(gen):
     ro, rl = reference.flash_attention(q.float(), k.float(), v.float(), True, 0.125, cu, cu)
     _close("out", out, ro, atol=4e-3, rtol=2e-2)
     _close("lse", lse, rl, atol=1e-4, rtol=0)
+    dout = _randn(gen, t, hq, d)
+    grads = reference.flash_attention_backward(dout.float(), q.float(), k.float(), v.float(), True, 0.125, cu, cu)
+    for deterministic in (True, False):
+        got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, cu, cu, max(lens), max(lens), True,
+                      0.125, deterministic)  # fmt: skip
+        for name, g, want in zip(("dq", "dk", "dv"), got, grads):
+            _close(f"{name} (deterministic={deterministic})", g, want, atol=2e-2 * want.abs().max().item(), rtol=3e-2)
 
 
 # ------------------------------------------------------------------------------------- decode attention

@@ -39,12 +39,15 @@ void flash_attn_bwd_sm90(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k
                          int total_q, int hq, int hkv, int d, float softmax_scale, std::uintptr_t stream);
 
 // dq/dk/dv (dk/dv summed over each KV head's query heads). dsum: fp32 workspace shaped like lse.
-// total_q_or_S / total_k_or_Sk: tokens of packed q/k, or the padded lengths. Always deterministic (no atomics).
+// total_q_or_S / total_k_or_Sk: tokens of packed q/k, or the padded lengths. dq_accum 0: deterministic (a dq
+// kernel, no atomics); else an fp32 workspace like q (16-byte aligned, any contents) that the dK/dV kernel sums dQ
+// into with atomics (5 tile GEMMs instead of 7; needs deterministic false).
 void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                     std::uintptr_t lse, std::uintptr_t dsum, std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
                     std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int batch, int max_seqlen,
                     int max_seqlen_k, int total_q_or_S, int total_k_or_Sk, int hq, int hkv, int d, bool causal,
-                    float softmax_scale, bool deterministic, int dtype, int num_sms, std::uintptr_t stream);
+                    float softmax_scale, bool deterministic, int dtype, int num_sms, std::uintptr_t stream,
+                    std::uintptr_t dq_accum);
 
 // q [B,Sq,Hq,D] contiguous against caches [B,L,Hkv,D] (strides in elements, unit stride in D) with int32
 // cache_seqlens [B]. num_splits > 1 splits each cache over CTAs (flash-decoding). With `cluster` the splits run as

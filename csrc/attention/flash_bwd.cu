@@ -9,11 +9,15 @@
 //                 dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ - Dsum), dK += dSᵀ Q. GQA sums stay in registers.
 //   3. dq:        a CTA owns 64 query rows of one head and loops over the visible key tiles:
 //                 dS = P ∘ (dO Vᵀ - Dsum), dQ += dS K.
-// Splitting dQ into its own kernel costs two extra tile GEMMs over FA2's atomic dQ accumulation, and buys a
-// deterministic result with no fp32 workspace; fusing it (with a deterministic ordered reduction) and the
-// Hopper wgmma/TMA version are the next steps for speed.
+// Splitting dQ into its own kernel costs two extra tile GEMMs (7 a tile pair instead of 5) and buys a deterministic
+// result with no fp32 workspace: that is the path for `deterministic`. Otherwise (the default, as in FlashAttention-2)
+// dkdv computes dQ too: each iteration writes dSᵀ to shared memory, the four warps then take 16 query rows each of
+// dQ_tile = dS K and add it to an fp32 workspace with float2 atomics (the order of the adds, hence the last bits of
+// dQ, varies from run to run), and a last kernel scales and rounds the workspace into dq. The Hopper wgmma/TMA
+// version is the next step for speed.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "attention/attention.h"
@@ -35,6 +39,7 @@ struct BwdParams {
   const void* dout;
   const float* lse;   // [B,Hq,S] or [Hq,T]
   float* dsum;        // same shape
+  float* dq_accum;    // fused dQ: fp32 [tokens, Hq, D], zeroed, summed into by dkdv; null: the dq kernel
   void* dq;
   void* dk;
   void* dv;
@@ -97,7 +102,46 @@ __global__ void __launch_bounds__(256) dot_do_o_kernel(const BwdParams p, int64_
 }
 
 // ---------------------------------------------------------------------------------- 2. dK, dV
+// A fragment (rows m0.., k columns k0..) of A = tileᵀ from a row-major [k][m] tile of row length M (e.g. dS from the
+// stored dSᵀ): the transposing ldmatrix of the four 8x8 blocks (k0, m0) (k0, m0+8) (k0+8, m0) (k0+8, m0+8).
+template <int M, typename T>
+__device__ __forceinline__ void ldsm_a_kn(uint32_t (&a)[4], const T* tile, int m0, int k0, int lane) {
+  const int mi = lane >> 3;
+  ldsm_x4_trans(a, smem_u32(tile + swz<M>(k0 + (lane & 7) + ((mi >> 1) << 3), m0 + ((mi & 1) << 3))));
+}
+
+// Fused dQ, one iteration of dkdv: after every warp stored its dSᵀ rows, warp w adds dQ rows w·16.. of the query
+// tile at m0 of `head`: Σ over the tile's keys of dS K, into p.dq_accum (unscaled) with float2 atomics.
 template <typename T, int D>
+__device__ __forceinline__ void accumulate_dq(const BwdParams& p, const SeqInfo& s, int b, int head, int m0,
+                                              const T* sdS, const T* sK, int warp, int lane) {
+  constexpr int BM = kBwdBlockM, BN = kBwdBlockN;
+  __syncthreads();  // every warp's dSᵀ is stored (the next iteration's barrier keeps it until all have read)
+  float acc[D / 8][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_a_kn<BM>(a, sdS, warp * 16, kk * 16, lane);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bf[4];
+      ldsm_b_kn<D>(bf, sK, kk * 16, dp * 16, lane);
+      Half<T>::mma(acc[2 * dp], a, bf[0], bf[1]);
+      Half<T>::mma(acc[2 * dp + 1], a, bf[2], bf[3]);
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int tok = m0 + warp * 16 + g + 8 * h;
+    if (tok >= s.seqlen_q) continue;
+    float* dst = p.dq_accum + (s.q_tok0 + int64_t(tok)) * p.q_row_stride + int64_t(head) * D + 2 * t;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) atomicAdd(reinterpret_cast<float2*>(dst + j * 8), make_float2(acc[j][2 * h], acc[j][2 * h + 1]));
+  }
+}
+
+template <typename T, int D, bool kFuseDq>
 __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   constexpr int BM = kBwdBlockM, BN = kBwdBlockN, MT = BM / 8, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -107,6 +151,7 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   T* sdO = sQ + 2 * BM * D;            // [2][BM][D]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * D);  // [2][BM], log2 units
   float* sDsum = sLse + 2 * BM;                               // [2][BM]
+  T* sdS = reinterpret_cast<T*>(sDsum + 2 * BM);              // fused dQ: dSᵀ [BN][BM]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_block = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;  // low key tiles have the most work
@@ -147,6 +192,11 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   const bool warp_active = warp_row0 < keys;
   float dk[DT][4] = {};
   float dv[DT][4] = {};
+  if constexpr (kFuseDq) {
+    if (!warp_active)  // keys past the end: their dS rows stay zero (the K rows they meet are zero-filled)
+      for (int i = lane; i < 16 * BM / 2; i += 32)
+        reinterpret_cast<uint32_t*>(sdS + warp_row0 * BM)[i] = 0u;
+  }
 
   if (iters > 0) {
     auto key_rows = [&](const T* base) {
@@ -165,33 +215,42 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
       load_q_tile(it + 1, stage ^ 1);
       cp_async_commit();
     }
-    if (!warp_active) continue;
     const T* sQs = sQ + stage * BM * D;
     const T* sdOs = sdO + stage * BM * D;
     const float* lse_s = sLse + stage * BM;
     const float* dsum_s = sDsum + stage * BM;
     const int m0 = (m_begin + it % num_m) * BM;
-
-    float pt[MT][4] = {};  // Sᵀ then Pᵀ: [16 keys x BM queries]
-    gemm_abt<T, D, MT>(pt, sK, warp_row0, sQs, lane);
-    const bool need_mask = p.causal && n0 + warp_row0 + 15 > m0 + diag;
+    if (warp_active) {
+      float pt[MT][4] = {};  // Sᵀ then Pᵀ: [16 keys x BM queries]
+      gemm_abt<T, D, MT>(pt, sK, warp_row0, sQs, lane);
+      const bool need_mask = p.causal && n0 + warp_row0 + 15 > m0 + diag;
 #pragma unroll
-    for (int j = 0; j < MT; ++j)
+      for (int j = 0; j < MT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
-        float x = exp2f(fmaf(pt[j][e], p.scale_log2, -lse_s[qi]));
-        if (need_mask && n0 + warp_row0 + g + 8 * (e >> 1) > m0 + qi + diag) x = 0.f;
-        pt[j][e] = x;
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
+          float x = exp2f(fmaf(pt[j][e], p.scale_log2, -lse_s[qi]));
+          if (need_mask && n0 + warp_row0 + g + 8 * (e >> 1) > m0 + qi + diag) x = 0.f;
+          pt[j][e] = x;
+        }
+      float dpt[MT][4] = {};  // dPᵀ = V dOᵀ
+      gemm_abt<T, D, MT>(dpt, sV, warp_row0, sdOs, lane);
+      gemm_pb<T, D, MT>(dv, pt, sdOs, lane);  // dV += Pᵀ dO
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - dsum_s[j * 8 + 2 * t + (e & 1)]);
+      gemm_pb<T, D, MT>(dk, dpt, sQs, lane);  // dK += dSᵀ Q (scaled at the end)
+      if constexpr (kFuseDq) {
+#pragma unroll
+        for (int j = 0; j < MT; ++j)  // dSᵀ rounded to T as the dK GEMM took it; rows = this warp's keys
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            store2(sdS + swz<BM>(warp_row0 + g + 8 * h, j * 8) + 2 * t, dpt[j][2 * h], dpt[j][2 * h + 1]);
       }
-    float dpt[MT][4] = {};  // dPᵀ = V dOᵀ
-    gemm_abt<T, D, MT>(dpt, sV, warp_row0, sdOs, lane);
-    gemm_pb<T, D, MT>(dv, pt, sdOs, lane);  // dV += Pᵀ dO
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - dsum_s[j * 8 + 2 * t + (e & 1)]);
-    gemm_pb<T, D, MT>(dk, dpt, sQs, lane);  // dK += dSᵀ Q (scaled at the end)
+    }  // warp_active
+    // every warp (its query rows are live even where its keys are not)
+    if constexpr (kFuseDq) accumulate_dq<T, D>(p, s, b, kv_head * p.group + it / num_m, m0, sdS, sK, warp, lane);
   }
 
   if (!warp_active) return;
@@ -313,6 +372,17 @@ __global__ void __launch_bounds__(kBwdThreads) dq_kernel(const BwdParams p) {
   }
 }
 
+// Fused dQ's last step: dq = scale · dq_accum, rounded to T (4 elements a thread).
+template <typename T>
+__global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq,
+                                                         int64_t n4, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(256) + threadIdx.x; i < n4; i += int64_t(gridDim.x) * 256) {
+    const float4 x = reinterpret_cast<const float4*>(acc)[i];
+    store2(dq + 4 * i, x.x * scale, x.y * scale);
+    store2(dq + 4 * i + 2, x.z * scale, x.w * scale);
+  }
+}
+
 template <typename T, int D>
 struct RunBwd {
   static void run(const BwdParams& p, int batch, int max_seqlen, int max_seqlen_k, int64_t q_rows,
@@ -321,10 +391,24 @@ struct RunBwd {
     L3K_CHECK_LAUNCH("dot_do_o_kernel");
 
     constexpr int smem_dkdv = (2 * kBwdBlockN + 4 * kBwdBlockM) * D * int(sizeof(T)) + 4 * kBwdBlockM * 4;
-    check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv),
+    const dim3 grid_dkdv(cdiv(max_seqlen_k, kBwdBlockN), p.hq / p.group, batch);
+    if (p.dq_accum != nullptr) {  // fused dQ: dkdv sums dQ into the zeroed workspace, then scale and round
+      constexpr int smem = smem_dkdv + kBwdBlockN * kBwdBlockM * int(sizeof(T));  // + dSᵀ
+      const int64_t n = q_rows * D;
+      check_cuda(cudaMemsetAsync(p.dq_accum, 0, n * sizeof(float), stream), "flash_bwd: memset dq_accum");
+      check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                 "flash_bwd: cudaFuncSetAttribute");
+      dkdv_kernel<T, D, true><<<grid_dkdv, kBwdThreads, smem, stream>>>(p);
+      L3K_CHECK_LAUNCH("dkdv_kernel");
+      const int64_t n4 = n / 4, blocks = std::min<int64_t>(cdiv(int(std::min<int64_t>(n4, 1 << 30)), 256), 8192);
+      dq_convert_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n4,
+                                                                      p.scale);
+      L3K_CHECK_LAUNCH("dq_convert_kernel");
+      return;
+    }
+    check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv),
                "flash_bwd: cudaFuncSetAttribute");
-    dkdv_kernel<T, D><<<dim3(cdiv(max_seqlen_k, kBwdBlockN), p.hq / p.group, batch), kBwdThreads, smem_dkdv,
-                        stream>>>(p);
+    dkdv_kernel<T, D, false><<<grid_dkdv, kBwdThreads, smem_dkdv, stream>>>(p);
     L3K_CHECK_LAUNCH("dkdv_kernel");
 
     constexpr int smem_dq = (2 * kBwdBlockM + 4 * kBwdBlockN) * D * int(sizeof(T));
@@ -343,9 +427,10 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
                     std::uintptr_t lse, std::uintptr_t dsum, std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
                     std::uintptr_t cu_seqlens, std::uintptr_t cu_seqlens_k, int batch, int max_seqlen,
                     int max_seqlen_k, int total_q_or_S, int total_k_or_Sk, int hq, int hkv, int d, bool causal,
-                    float softmax_scale, bool deterministic, int dtype, int num_sms, std::uintptr_t stream) {
+                    float softmax_scale, bool deterministic, int dtype, int num_sms, std::uintptr_t stream,
+                    std::uintptr_t dq_accum) {
   using namespace attn;
-  (void)deterministic;  // every path is deterministic
+  require(dq_accum == 0 || !deterministic, "dq_accum", "the fused dQ sums with atomics: not deterministic");
   (void)num_sms;
   const DType dt = to_dtype(dtype, "dtype");
   require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
@@ -384,6 +469,8 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
   p.lse = as_ptr<const float>(lse);
   p.dsum = as_ptr<float>(dsum);
   p.dq = as_ptr<void>(dq);
+  p.dq_accum = as_ptr<float>(dq_accum);
+  require(dq_accum == 0 || dq_accum % 16 == 0, "dq_accum", "expected a 16-byte aligned fp32 workspace");
   p.dk = as_ptr<void>(dk);
   p.dv = as_ptr<void>(dv);
   p.cu_q = as_ptr<const int>(cu_seqlens);

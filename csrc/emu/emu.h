@@ -132,6 +132,17 @@ inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+// Atomics: one thread runs at a time, so a plain read-modify-write is atomic.
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+inline float2 atomicAdd(float2* p, float2 v) {
+  const float2 old = *p;
+  *p = make_float2(old.x + v.x, old.y + v.y);
+  return old;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }

@@ -118,12 +118,16 @@ def _flash_attn_bwd_cuda(
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dsum = torch.empty_like(lse)  # workspace: rowsum(dout * out) per (token, query head)
+    # Not deterministic: dQ is summed into an fp32 workspace by the dK/dV kernel (5 tile GEMMs instead of 7);
+    # L3K_BWD_FUSED_DQ=0 keeps the separate dQ kernel
+    fused = not deterministic and not switched_off("L3K_BWD_FUSED_DQ")
+    dq_accum = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused else None
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
     kernel("flash_attn_bwd")(
         ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dsum), ptr(dq), ptr(dk), ptr(dv),
         ptr(cu_seqlens), ptr(cu_k), batch, max_seqlen, max_seqlen_k, q.shape[0] if varlen else q.shape[1],
         k.shape[0] if varlen else k.shape[1], hq, hkv, d, bool(causal), float(softmax_scale), bool(deterministic),
-        DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q),
+        DTYPE_CODES[q.dtype], sm_count(q.device.index), stream(q), ptr(dq_accum),
     )  # fmt: skip
     return dq, dk, dv
 
