@@ -54,9 +54,21 @@ def _use_kernel(name: str, *tensors, align: int = 16) -> bool:
     return _common.has_kernel(name) and all(t is None or t.data_ptr() % align == 0 for t in tensors)
 
 
+def _cuda_impls(mod) -> dict:
+    """The module's custom ops that have a CUDA kernel registered: name -> that implementation."""
+    out = {}
+    for name, value in vars(mod).items():
+        fns = getattr(value, "_backend_fns", None)  # torch.library CustomOpDef (private: tests only)
+        if isinstance(fns, dict) and "cuda" in fns:
+            out[name] = fns["cuda"]
+    return out
+
+
 @contextlib.contextmanager
-def emulated():
-    """Within: the ops' launchers are the emulator's, CPU tensors count as an sm_90 device's."""
+def emulated(route_ops: bool = False):
+    """Within: the ops' launchers are the emulator's, CPU tensors count as an sm_90 device's. route_ops: the ops'
+    module-level custom ops are replaced by their CUDA implementations too, so that the public ops (and a model
+    built on them) run the kernels on CPU tensors (no autograd: inference only)."""
     mods = [_common] + [m for n, m in sys.modules.items() if n.startswith(ops_pkg.__name__ + ".")]
     patches = {
         "_C": module(),
@@ -68,7 +80,8 @@ def emulated():
     }
     saved = []
     for m in mods:
-        for name, value in patches.items():
+        routed = _cuda_impls(m) if route_ops else {}
+        for name, value in [*patches.items(), *routed.items()]:
             if name in vars(m):
                 saved.append((m, name, vars(m)[name]))
                 setattr(m, name, value)
