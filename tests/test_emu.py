@@ -40,6 +40,21 @@ def _randn(gen, *shape, scale=1.0, dtype=torch.bfloat16):
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
 
+def _pair_norm(x):
+    """|(x[2i], x[2i+1])| at both elements of each pair: what a rotation keeps, so the scale of its rounding."""
+    return x.float().unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, -1)
+
+
+def _close_rotated(name, got, want, x):
+    """A RoPE result against torch's: both round fp32 rotations to 16 bits, so they may differ by an output ulp
+    (2^-8 relative) plus the fp32 rounding of terms as large as the pair's norm (a cancelling pair ends small)."""
+    got, want = got.float(), want.float()
+    assert not got.isnan().any(), f"{name}: NaN in the kernel's output"
+    bound = 2**-8 * want.abs() + 2**-8 * _pair_norm(x) + 1e-6
+    worst = ((got - want).abs() / bound).max().item()
+    assert worst <= 1.0, f"{name}: {worst:.2f}x the bound"
+
+
 def _close(name, got, want, atol, rtol):
     got, want = got.float(), want.float()
     assert not got.isnan().any(), f"{name}: NaN in the kernel's output (an unwritten element)"
@@ -197,8 +212,10 @@ def test_decode_qkv_rope_cache_equals_unfused(gen, b, s, hq, hkv, d):
     assert torch.equal(q1, q2) and torch.equal(h1, h2)
     kc3, vc3 = kc1.clone(), vc1.clone()
     q3 = rope._reference(y.view(b, s, n), rot, pos, kc3, vc3, hq)  # torch's RoPE on the same GEMV output
-    _close("q", q1, q3, atol=1e-6, rtol=2**-8)
-    _close("k_cache", kc1.nan_to_num(), kc3.nan_to_num(), atol=1e-6, rtol=2**-8)
+    qkv = y.view(b, s, hq + 2 * hkv, d)
+    _close_rotated("q", q1, q3, qkv[:, :, :hq])
+    rows = torch.arange(b)[:, None]
+    _close_rotated("k_cache", kc1[rows, pos], kc3[rows, pos], qkv[:, :, hq : hq + hkv])
     assert torch.equal(vc1.view(torch.int16), vc3.view(torch.int16)), "v_cache: v is copied, not rounded again"
     for name, got, want in (("k_cache", kc1, kc2), ("v_cache", vc1, vc2)):  # bits: the unwritten rows stay NaN
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: the writes differ"
@@ -293,7 +310,7 @@ def test_rope_rotate(gen, inverse):
     angles = torch.rand(9, 32, generator=gen, dtype=torch.float64) * 100
     rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
     got = emu.run(rope._rope_rotate_cuda, x, torch.view_as_real(rot).contiguous(), inverse)
-    _close("x", got, reference.rope_rotate(x, rot, inverse), atol=1e-6, rtol=2**-8)
+    _close_rotated("x", got, reference.rope_rotate(x, rot, inverse), x)
 
 
 # ------------------------------------------------------------------------------------- the model's decode step
@@ -311,28 +328,32 @@ def test_model_decode_step(gen):
     prompt[1, 5:] = 0  # row 1: a 5-token prompt (right-padded)
     lengths = torch.tensor([7, 5])
 
-    def run():
+    def run(feed=None):
+        """Logits of the prefill and 4 decode steps; the tokens fed are the argmax, or `feed` (teacher forcing:
+        both runs then see the same inputs, and one near tie cannot send them apart)."""
         model.setup_cache(2, 32)
-        tokens, logits_seen = [], []
+        tokens, seen = [], []
         with torch.inference_mode():
             logits = model(prompt, last_index=lengths - 1)[:, 0]
             pos = lengths.clone()
-            for _ in range(4):
-                nxt = logits.float().argmax(-1)
+            for step in range(4):
+                seen.append(logits.float())
+                nxt = logits.float().argmax(-1) if feed is None else feed[:, step]
                 tokens.append(nxt)
-                logits_seen.append(logits.float())
-                seqlens = (pos + 1).to(torch.int32)
-                logits = model(nxt[:, None], pos[:, None], cache_seqlens=seqlens)[:, 0]
+                logits = model(nxt[:, None], pos[:, None], cache_seqlens=(pos + 1).to(torch.int32))[:, 0]
                 pos += 1
-        return torch.stack(tokens, 1), torch.stack(logits_seen, 1)
+        return torch.stack(tokens, 1), torch.stack(seen, 1)
 
     want_tokens, want_logits = run()
     before = emu.module().emu_launches()
     with emu.emulated(route_ops=True):
-        got_tokens, got_logits = run()
+        _, got_logits = run(feed=want_tokens)
     assert emu.module().emu_launches() - before >= 4 * 2 * 5, "the decode steps did not run the kernels"
     assert not got_logits.isnan().any()
     scale = want_logits.abs().max().item()
     err = (got_logits - want_logits).abs().max().item()
     assert err <= 0.03 * scale, f"logits: max error {err:.3g} against a largest logit of {scale:.3g}"
-    assert torch.equal(got_tokens, want_tokens)
+    # the greedy token agrees wherever the reference's top two are further apart than twice the error
+    top2 = want_logits.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * err
+    assert clear.any() and torch.equal(got_logits.argmax(-1)[clear], want_tokens[clear])
