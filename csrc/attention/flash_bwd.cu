@@ -1,5 +1,5 @@
 // Flash attention backward (padded or varlen, GQA, bottom-right causal): dQ, dK, dV from dO, Q, K, V, O and
-// the forward's log-sum-exp. Deterministic by construction (no atomics), so the `deterministic` flag is free.
+// the forward's log-sum-exp.
 //
 // Design (FlashAttention-2 math on mma.sync; runs on sm_90a), three kernels:
 //   1. dot_do_o:  Dsum = rowsum(dO ∘ O) per (token, query head), fp32, shaped like lse.
@@ -30,6 +30,7 @@ constexpr int kBwdWarps = 4;
 constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int kBwdBlockM = 64;  // query rows per tile
 constexpr int kBwdBlockN = 64;  // keys per tile
+static_assert(kBwdWarps * 16 == kBwdBlockN && kBwdBlockM == kBwdBlockN, "16 keys (and 16 fused-dQ rows) a warp");
 
 struct BwdParams {
   const void* q;
@@ -242,11 +243,17 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
         for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - dsum_s[j * 8 + 2 * t + (e & 1)]);
       gemm_pb<T, D, MT>(dk, dpt, sQs, lane);  // dK += dSᵀ Q (scaled at the end)
       if constexpr (kFuseDq) {
+        // dSᵀ rounded to T as the dK GEMM took it; rows = this warp's keys. Rows past the last key are stored as 0:
+        // there P = exp2(-lse) from zero-filled K rows, unmasked (their dK/dV rows are never stored) and able to
+        // overflow fp16, and inf times those rows' zero K would put NaN into dQ.
 #pragma unroll
-        for (int j = 0; j < MT; ++j)  // dSᵀ rounded to T as the dK GEMM took it; rows = this warp's keys
+        for (int h = 0; h < 2; ++h) {
+          const bool live = warp_row0 + g + 8 * h < keys;
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            store2(sdS + swz<BM>(warp_row0 + g + 8 * h, j * 8) + 2 * t, dpt[j][2 * h], dpt[j][2 * h + 1]);
+          for (int j = 0; j < MT; ++j)
+            store2(sdS + swz<BM>(warp_row0 + g + 8 * h, j * 8) + 2 * t, live ? dpt[j][2 * h] : 0.f,
+                   live ? dpt[j][2 * h + 1] : 0.f);
+        }
       }
     }  // warp_active
     // every warp (its query rows are live even where its keys are not)
