@@ -66,8 +66,9 @@ def _cuda_impls(mod) -> dict:
 
 @contextlib.contextmanager
 def emulated(route_ops: bool = False):
-    """Within: the ops' launchers are the emulator's, CPU tensors count as an sm_90 device's. route_ops: the ops'
-    module-level custom ops are replaced by their CUDA implementations too, so that the public ops (and a model
+    """Within: the ops' launchers are the emulator's, CPU tensors count as an sm_90 device's, and torch.empty /
+    empty_like fill floating tensors with NaN (an output element a kernel fails to write shows). route_ops: the
+    ops' module-level custom ops are replaced by their CUDA implementations too, so that the public ops (and a model
     built on them) run the kernels on CPU tensors (no autograd: inference only)."""
     mods = [_common] + [m for n, m in sys.modules.items() if n.startswith(ops_pkg.__name__ + ".")]
     patches = {
@@ -78,7 +79,15 @@ def emulated(route_ops: bool = False):
         "use_cuda_kernel": _use_kernel,
         "_max_cluster": lambda index, d, dtype_code, rows: module().decode_attn_max_cluster(d, dtype_code, rows),
     }
-    saved = []
+    def poisoned(make):
+        def wrapped(*args, **kwargs):  # outputs the kernels must write start as NaN
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        return wrapped
+
+    saved = [(torch, "empty", torch.empty), (torch, "empty_like", torch.empty_like)]
+    torch.empty, torch.empty_like = poisoned(torch.empty), poisoned(torch.empty_like)
     for m in mods:
         routed = _cuda_impls(m) if route_ops else {}
         for name, value in [*patches.items(), *routed.items()]:

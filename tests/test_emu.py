@@ -1,16 +1,18 @@
 """The kernels' own code run on this machine's CPU by the emulator (csrc/emu): no GPU needed.
 
 The emulator executes each CUDA thread as a fiber, with ldmatrix, mma.sync and the shuffles computed from all 32
-lanes' operands in the PTX fragment layouts, shared memory poisoned with NaN bytes, and deadlocks, divergent
-collectives or stray shared addresses reported as errors. It checks a kernel's logic (indexing, masking, split and
-merge arithmetic, pipeline bookkeeping, what is written where), not its timing or races: the H100 still has the
-last word (tests/*_cuda.py, bench/device_check.sh). The prefill attention and norm kernels passed on an H200 in
+lanes' operands in the PTX fragment layouts; shared memory, cp.async destinations until their wait, and the outputs
+the ops allocate read as NaN until written; deadlocks, divergent collectives, stray shared addresses and shared
+memory above a kernel's opt-in are errors (csrc/emu/emu.h). It checks a kernel's logic (indexing, masking, split
+and merge arithmetic, pipeline bookkeeping, what is written where), not its timing, races or global-memory bounds:
+the H100 still has the last word (tests/*_cuda.py, bench/device_check.sh). The prefill attention and norm kernels passed on an H200 in
 session 2: their rows here check the emulator itself against the references; the decode GEMV, the q/k/v RoPE + cache
 epilogue, the cluster merge, the 3-stage decode ring and the cross-entropy kernels have not met a GPU yet.
 
 Tolerances: outputs are 16-bit, so |kernel - fp32 reference| is judged against 2^-8 relative (one bf16 rounding)
 plus the 16-bit rounding of the intermediates the kernels feed to the tensor cores (P, dS: a few 2^-8 relative
-terms); the emulator's mma sums exactly and rounds once, so these bounds are the hardware's or looser.
+terms). The emulator's arithmetic is more exact than the GPU's (mma sums exactly and rounds once; host exp2f is
+correctly rounded), so a bound that holds here is not proof it holds there: the GPU tests keep their own.
 """
 
 from __future__ import annotations

@@ -92,9 +92,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred
                : "memory");
 #endif
 }
-#ifdef L3K_EMU  // the emulator's cp.async copies at once
-__device__ __forceinline__ void cp_async_commit() {}
-__device__ __forceinline__ void cp_async_wait_all() {}
+#ifdef L3K_EMU
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { emu::cp_async_wait(0); }
 #else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
@@ -102,7 +102,9 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // Wait until at most N of this thread's most recent cp.async groups are still pending.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef L3K_EMU
+#ifdef L3K_EMU
+  emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,20 +44,31 @@ def _matching(text: str, i: int, open_: str, close: str, step: int) -> int:
     raise ValueError("unbalanced brackets")
 
 
+_NAME = re.compile(r"(?:::)?[A-Za-z_]\w*(?:::[A-Za-z_]\w*)*$")
+
+
 def rewrite_launches(text: str) -> str:
-    """kernel<T, D><<<cfg>>>(args) -> ::emu::launch(kernel<T, D>, cfg)(args)."""
-    while (at := text.find("<<<")) >= 0:
+    """kernel<T, D><<<cfg>>>(args) -> ::emu::launch(kernel<T, D>, cfg)(args); a `<<<` not of that form (in a
+    comment, say) is left alone."""
+    pos = 0
+    while (at := text.find("<<<", pos)) >= 0:
+        pos = at + 3
         start = at
         while text[start - 1].isspace():
             start -= 1
         if text[start - 1] == ">":  # template arguments
             start = _matching(text, start - 1, "<", ">", -1)
+        name_end = start
         while text[start - 1].isalnum() or text[start - 1] in "_:":
             start -= 1
-        end = text.index(">>>", at)
+        name = _NAME.search(text[start:name_end])  # `case 1:kernel` -> kernel
+        end = text.find(">>>", at)
         paren = end + 3
-        while text[paren].isspace():
+        while end >= 0 and paren < len(text) and text[paren].isspace():
             paren += 1
+        if name is None or end < 0 or paren >= len(text) or text[paren] != "(":
+            continue
+        start += name.start()
         close = _matching(text, paren, "(", ")", 1)
         kernel, config = text[start:at].strip(), text[at + 3 : end]
         text = f"{text[:start]}::emu::launch({kernel}, {config})({text[paren + 1 : close]}){text[close + 1 :]}"
@@ -64,11 +76,22 @@ def rewrite_launches(text: str) -> str:
 
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\[\];")
+_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>]+)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 
 
-def rewrite(text: str) -> str:
+def rewrite(text: str, file_id: int) -> str:
+    """The two rewrites; static __shared__ arrays become references into the CTA's arena (one per CTA, poisoned like
+    the dynamic part), each with an id from the file and its place in it."""
     text = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::shared_arena());", text)
-    return rewrite_launches(text)
+    count = iter(range(1 << 16))
+
+    def static(m: re.Match) -> str:
+        t, name, dims = m.groups()
+        key = (file_id + next(count)) & 0xFFFFFFFF
+        return (f"{t} (&{name}){dims} = *reinterpret_cast<{t}(*){dims}>(::emu::static_shared(sizeof({t}{dims}), "
+                f"alignof({t}), {key}u));")  # fmt: skip
+
+    return rewrite_launches(_STATIC_SHARED.sub(static, text))
 
 
 def _cuda_include() -> Path:
@@ -97,21 +120,28 @@ def build(verbose: bool = False) -> Path:
     digest = hashlib.sha256()
     for p in _sources():
         digest.update(str(p.relative_to(CSRC)).encode() + p.read_bytes())
-    digest.update(" ".join(FLAGS + [sys.version]).encode())
-    work = OUT / digest.hexdigest()[:16]
-    target = work / f"_C_emu{suffix}"
+    cxx = os.environ.get("CXX", "g++")
+    compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    cuda = _cuda_include()
+    digest.update(" ".join(FLAGS + [sys.version, compiler, str(cuda), (cuda / "cuda.h").read_text()[:4000]]).encode())
+    digest.update(Path(__file__).read_bytes())
+    final = OUT / digest.hexdigest()[:16]
+    target = final / f"_C_emu{suffix}"
     if target.exists():
         return target
+    work = OUT / f"{final.name}.tmp{os.getpid()}"  # concurrent builds each use their own, the first rename wins
+    shutil.rmtree(work, ignore_errors=True)
     src = work / "csrc"
     for p in _sources():
-        dst = src / p.relative_to(CSRC)
+        rel = p.relative_to(CSRC)
+        dst = src / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         text = p.read_text()
-        dst.write_text(rewrite(text) if p.suffix in (".cu", ".cuh", ".h") else text)
-    includes = [f"-I{src / 'emu' / 'include'}", f"-I{src}", f"-I{_cuda_include()}", f"-I{pybind11.get_include()}",
+        emulated = p.suffix in (".cu", ".cuh", ".h") and rel.parts[0] != "emu"
+        dst.write_text(rewrite(text, zlib.crc32(str(rel).encode()) << 8) if emulated else text)
+    includes = [f"-I{src / 'emu' / 'include'}", f"-I{src}", f"-I{cuda}", f"-I{pybind11.get_include()}",
                 f"-I{sysconfig.get_paths()['include']}"]  # fmt: skip
     units = [p for p in src.rglob("*") if p.suffix in (".cu", ".cpp")]
-    cxx = os.environ.get("CXX", "g++")
 
     def compile_one(unit: Path) -> Path:
         obj = unit.with_suffix(".o")
@@ -127,11 +157,14 @@ def build(verbose: bool = False) -> Path:
     jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         objs = list(pool.map(compile_one, units))
-    tmp = target.with_suffix(".tmp")
-    res = subprocess.run([cxx, "-shared", *map(str, objs), "-o", str(tmp)], capture_output=True, text=True)
+    lib = work / target.name
+    res = subprocess.run([cxx, "-shared", *map(str, objs), "-o", str(lib)], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"emu: linking failed:\n{res.stderr[-6000:]}")
-    tmp.rename(target)
+    try:
+        work.rename(final)
+    except OSError:  # another build finished first: use its module
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

@@ -5,12 +5,17 @@
 // Model: every thread of a CTA (all CTAs of a cluster) is a fiber; a fiber runs until it reaches a barrier or a warp
 // collective (ldmatrix, mma.sync, shuffles), where it waits for the others. The last lane of a warp to arrive at a
 // collective computes every lane's result, so a warp executes ldmatrix and mma with the operands all 32 lanes hold
-// at that point, as the hardware does. Shared memory is a per-CTA arena filled with 0xFF bytes (NaN in every float
-// type) so a read of unwritten shared memory shows. cp.async copies at once. Mistakes a GPU would hang or fault on
-// are errors here: a barrier no thread can pass (deadlock), a collective that lanes reach with different
-// instructions or after some exited, a shared-memory address outside the CTA's arena.
-// What it cannot check: timing, races between threads (memory is sequentially consistent here) and Hopper-only
-// hardware (TMA, wgmma: the CUTLASS and sm90 kernels are not emulated).
+// at that point, as the hardware does. Shared memory (dynamic and static) is a per-CTA arena filled with 0xFF bytes
+// (NaN in every float type) so a read of unwritten shared memory shows, again when the CTA exits (a cluster peer
+// reading it later sees NaN). A cp.async destination reads 0xFF from the issue until a wait_group completes its
+// group. Threads resume in index order on odd launches and in reverse on even ones (L3K_EMU_ORDER=forward|reverse
+// pins it), so a missing barrier shows whichever way the data flows. Mistakes a GPU would hang or fault on are
+// errors: a barrier no thread can pass (deadlock), a collective that lanes reach at different places or after some
+// exited, a shared-memory address past the CTA's size, dynamic shared memory above the kernel's opt-in.
+// What it cannot check: timing, races a fixed interleaving hides, global-memory bounds, and Hopper-only hardware
+// (TMA, wgmma: the CUTLASS and sm90 kernels are not emulated). Its arithmetic is not the hardware's: mma sums
+// exactly and rounds once (the tensor cores truncate partial sums), host exp2f / expf / rsqrtf are correctly
+// rounded, and a * b + c is not contracted into an fma (nvcc contracts by default); explicit fmaf is an fma.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,7 +38,7 @@
 #undef __host__
 #define __host__
 #undef __shared__
-#define __shared__ static  // CTAs of a launch run one cluster at a time; extern __shared__ is rewritten (build.py)
+#define __shared__ emu_shared_declaration_not_rewritten_by_build_py  // build.py rewrites every one (per-CTA)
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 
@@ -41,6 +46,9 @@ namespace emu {
 
 // ------------------------------------------------------------------------------------------- the runtime
 unsigned char* shared_arena();  // this CTA's shared memory (dynamic part first)
+size_t shared_size();           // its bytes so far: the launch's dynamic size, then each static variable declared
+// A static __shared__ variable (build.py rewrites each declaration into this): one per CTA, in its arena.
+void* static_shared(size_t bytes, size_t align, unsigned id);
 unsigned char* peer_arena(int cluster_rank);
 int cluster_rank();
 int cluster_size();
@@ -50,11 +58,15 @@ void sync_cluster();
 
 // A warp collective: each lane passes its input and output; the last lane of `mask` to arrive runs fn over all
 // lanes' inputs and outputs. Lanes must reach the same fn.
+// `site` (a return address) tells apart the same collective reached at different places.
 using Collective = void (*)(void* const* in, void* const* out, unsigned mask);
-void warp_collective(unsigned mask, void* in, void* out, Collective fn);
+void warp_collective(unsigned mask, void* in, void* out, Collective fn, const void* site = nullptr);
 
 // Runs fn (the kernel with its parameters bound) on every thread of the grid, `cluster_x` CTAs along x as a cluster.
-void run_grid(dim3 grid, dim3 block, size_t dynamic_smem, unsigned cluster_x, const std::function<void()>& fn);
+// Checks the dynamic shared memory against sm_90's limit and the kernel's opt-in above 48 KB.
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, unsigned cluster_x,
+              const std::function<void()>& fn);
+void set_dynamic_opt_in(const void* kernel, size_t bytes);
 
 // Kernels launched since the module loaded (tests check that an op ran a kernel, not its reference).
 long long launches();
@@ -66,7 +78,7 @@ int max_cluster();
 template <typename... P, typename... A>
 void run_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, unsigned cluster_x, A... args) {
   const std::tuple<P...> params(static_cast<P>(args)...);
-  run_grid(grid, block, smem, cluster_x, [&] { std::apply(kernel, params); });
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, cluster_x, [&] { std::apply(kernel, params); });
 }
 
 // kernel<<<grid, block, smem, stream>>>(args) becomes emu::launch(kernel, grid, block, smem, stream)(args).
@@ -89,20 +101,23 @@ T shfl(unsigned mask, T v, int lane_arg, int width, int mode) {  // mode 0: xor,
       if (!(m >> l & 1)) continue;
       const In& me = *static_cast<In*>(ins[l]);
       const int base = l & ~(me.width - 1);
-      int src = me.mode == 0 ? base + ((l - base) ^ me.arg)
+      int src = me.mode == 0 ? l ^ me.arg  // past the lane's segment: its own value
                 : me.mode == 1 ? base + (me.arg & (me.width - 1))
                 : me.mode == 2 ? ((l - base) + me.arg < me.width ? l + me.arg : l)
                                : ((l - base) - me.arg >= 0 ? l - me.arg : l);
+      if (src < base || src >= base + me.width) src = l;
       if (!(m >> src & 1)) fail("shuffle reads a lane outside its mask");
       *static_cast<T*>(outs[l]) = static_cast<In*>(ins[src])->v;
     }
-  });
+  }, __builtin_return_address(0));
   return out;
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr, bool trans);
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 void cp_async16(uint32_t smem_dst, const void* src, bool pred);
+void cp_async_commit();
+void cp_async_wait(int newest_pending);  // complete all committed groups but the newest N
 
 }  // namespace emu
 
@@ -155,14 +170,18 @@ inline int __float_as_int(float x) { int u; std::memcpy(&u, &x, 4); return u; }
 inline size_t __cvta_generic_to_shared(const void* p) {
   const auto* b = static_cast<const unsigned char*>(p);
   const unsigned char* base = emu::shared_arena();
-  if (b < base || b >= base + (256u << 10)) emu::fail("__cvta_generic_to_shared: not a shared-memory address");
+  if (b < base || b >= base + emu::shared_size()) emu::fail("__cvta_generic_to_shared: not a shared-memory address");
   return size_t(b - base);
 }
 
 // The runtime calls the launchers make, answered by the emulator (macros: the real declarations are already seen).
 namespace emu {
 template <typename K>
-cudaError_t func_set_attribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t func_set_attribute(K kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
+    set_dynamic_opt_in(reinterpret_cast<const void*>(kernel), size_t(value));
+  return cudaSuccess;
+}
 template <typename K>
 cudaError_t occupancy_blocks(int* n, K, int, size_t) { *n = 2; return cudaSuccess; }
 template <typename K>
