@@ -3,18 +3,19 @@
 //
 // Design (FlashAttention-2 math on mma.sync; runs on sm_90a), three kernels:
 //   1. dot_do_o:  Dsum = rowsum(dO ∘ O) per (token, query head), fp32, shaped like lse.
-//   2. dkdv:      a CTA owns 64 keys of one KV head (16 per warp) and loops over every query head of the
-//                 group and every query tile that can see its keys (causal tiles skipped), recomputing
+//   2. dkdv:      a CTA owns 64 keys of one KV head (16 per warp; 128 and 32 with the fused dQ at D = 64,
+//                 DkdvTile) and loops over every query head of the group and every query tile that can see
+//                 its keys (causal tiles skipped), recomputing
 //                 Pᵀ = exp2(K Qᵀ·scale·log2e - lse·log2e) and accumulating in fp32 registers
 //                 dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ - Dsum), dK += dSᵀ Q. GQA sums stay in registers.
 //   3. dq:        a CTA owns 64 query rows of one head and loops over the visible key tiles:
 //                 dS = P ∘ (dO Vᵀ - Dsum), dQ += dS K.
 // Splitting dQ into its own kernel costs two extra tile GEMMs (7 a tile pair instead of 5) and buys a deterministic
 // result with no fp32 workspace: that is the path for `deterministic`. Otherwise (the default, as in FlashAttention-2)
-// dkdv computes dQ too: each iteration writes dSᵀ to shared memory, the four warps then take 16 query rows each of
-// dQ_tile = dS K and add it to an fp32 workspace with float2 atomics (the order of the adds, hence the last bits of
-// dQ, varies from run to run), and a last kernel scales and rounds the workspace into dq. The Hopper wgmma/TMA
-// version is the next step for speed.
+// dkdv computes dQ too: each iteration stores dS to shared memory (stmatrix, transposing its dSᵀ fragments), the
+// four warps then take a share of dQ_tile = dS K each and add it to an fp32 workspace with float2 atomics (the order
+// of the adds, hence the last bits of dQ, varies from run to run), and a last kernel scales and rounds the workspace
+// into dq. The Hopper wgmma/TMA version is the next step for speed.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -28,9 +29,9 @@ namespace l3k::attn {
 
 constexpr int kBwdWarps = 4;
 constexpr int kBwdThreads = 32 * kBwdWarps;
-constexpr int kBwdBlockM = 64;  // query rows per tile
-constexpr int kBwdBlockN = 64;  // keys per tile
-static_assert(kBwdWarps * 16 == kBwdBlockN && kBwdBlockM == kBwdBlockN, "16 keys (and 16 fused-dQ rows) a warp");
+constexpr int kBwdBlockM = 64;  // dq kernel: query rows per tile (16 a warp)
+constexpr int kBwdBlockN = 64;  // dq kernel: keys per tile
+static_assert(kBwdWarps * 16 == kBwdBlockM, "16 query rows a warp");
 
 struct BwdParams {
   const void* q;
@@ -103,30 +104,43 @@ __global__ void __launch_bounds__(256) dot_do_o_kernel(const BwdParams p, int64_
 }
 
 // ---------------------------------------------------------------------------------- 2. dK, dV
-// A fragment (rows m0.., k columns k0..) of A = tileᵀ from a row-major [k][m] tile of row length M (e.g. dS from the
-// stored dSᵀ): the transposing ldmatrix of the four 8x8 blocks (k0, m0) (k0, m0+8) (k0+8, m0) (k0+8, m0+8).
-template <int M, typename T>
-__device__ __forceinline__ void ldsm_a_kn(uint32_t (&a)[4], const T* tile, int m0, int k0, int lane) {
-  const int mi = lane >> 3;
-  ldsm_x4_trans(a, smem_u32(tile + swz<M>(k0 + (lane & 7) + ((mi >> 1) << 3), m0 + ((mi & 1) << 3))));
+// Tiles of the dK/dV kernel: KMT 16-key m-tiles a warp (BN = 64 KMT keys a CTA) against BM-query tiles. KMT = 2 (fused
+// dQ at D = 64, the Llama 3.2 1B training step) lets each Q / dO fragment read from shared memory feed two
+// tensor-core ops (0.45 ldmatrix a mma instead of 0.58); its dK, dV accumulators (2 x 64 floats a thread) leave room
+// for BM = 32 only. D = 128, and the deterministic path (the design the H200 ran), keep KMT = 1.
+template <int D, bool kFuseDq>
+struct DkdvTile {
+  static constexpr int KMT = D == 64 && kFuseDq ? 2 : 1;
+  static constexpr int BN = 16 * KMT * kBwdWarps;  // keys a CTA
+  static constexpr int BM = KMT == 2 ? 32 : 64;    // queries a tile
+  static constexpr int QT = BM / 8;                // 8-query column tiles of Sᵀ
+  static constexpr int DQ_SPLIT = kBwdWarps / (BM / 16);  // fused dQ: warps sharing one 16-row tile (by columns)
+};
+
+template <typename T, int D, bool kFuseDq>
+constexpr int dkdv_smem() {
+  using Tl = DkdvTile<D, kFuseDq>;
+  return (2 * Tl::BN + 4 * Tl::BM) * D * int(sizeof(T)) + 4 * Tl::BM * 4 + (kFuseDq ? Tl::BM * Tl::BN * int(sizeof(T)) : 0);
 }
 
-// Fused dQ, one iteration of dkdv: after every warp stored its dSᵀ rows, warp w adds dQ rows w·16.. of the query
-// tile at m0 of `head`: Σ over the tile's keys of dS K, into p.dq_accum (unscaled) with float2 atomics.
+// Fused dQ, one iteration of dkdv: after every warp stored its dS columns (sdS = dS [BM queries][BN keys]), warp w
+// adds its share of dQ_tile = dS K (16 rows, D / DQ_SPLIT columns) into p.dq_accum (unscaled) with float2 atomics.
 template <typename T, int D>
-__device__ __forceinline__ void accumulate_dq(const BwdParams& p, const SeqInfo& s, int b, int head, int m0,
-                                              const T* sdS, const T* sK, int warp, int lane) {
-  constexpr int BM = kBwdBlockM, BN = kBwdBlockN;
-  __syncthreads();  // every warp's dSᵀ is stored (the next iteration's barrier keeps it until all have read)
-  float acc[D / 8][4] = {};
+__device__ __forceinline__ void accumulate_dq(const BwdParams& p, const SeqInfo& s, int head, int m0, const T* sdS,
+                                              const T* sK, int warp, int lane) {
+  using Tl = DkdvTile<D, true>;
+  constexpr int DC = D / Tl::DQ_SPLIT;  // columns a warp
+  const int r0 = (warp / Tl::DQ_SPLIT) * 16, c0 = (warp % Tl::DQ_SPLIT) * DC;
+  __syncthreads();  // every warp's dS is stored (the next iteration's barrier keeps it until all have read)
+  float acc[DC / 8][4] = {};
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
+  for (int kk = 0; kk < Tl::BN / 16; ++kk) {
     uint32_t a[4];
-    ldsm_a_kn<BM>(a, sdS, warp * 16, kk * 16, lane);
+    ldsm_a<Tl::BN>(a, sdS, r0, kk * 16, lane);
 #pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
+    for (int dp = 0; dp < DC / 16; ++dp) {
       uint32_t bf[4];
-      ldsm_b_kn<D>(bf, sK, kk * 16, dp * 16, lane);
+      ldsm_b_kn<D>(bf, sK, kk * 16, c0 + dp * 16, lane);
       Half<T>::mma(acc[2 * dp], a, bf[0], bf[1]);
       Half<T>::mma(acc[2 * dp + 1], a, bf[2], bf[3]);
     }
@@ -134,17 +148,19 @@ __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const SeqInfo&
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int tok = m0 + warp * 16 + g + 8 * h;
+    const int tok = m0 + r0 + g + 8 * h;
     if (tok >= s.seqlen_q) continue;
-    float* dst = p.dq_accum + (s.q_tok0 + int64_t(tok)) * p.q_row_stride + int64_t(head) * D + 2 * t;
+    float* dst = p.dq_accum + (s.q_tok0 + int64_t(tok)) * p.q_row_stride + int64_t(head) * D + c0 + 2 * t;
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) atomicAdd(reinterpret_cast<float2*>(dst + j * 8), make_float2(acc[j][2 * h], acc[j][2 * h + 1]));
+    for (int j = 0; j < DC / 8; ++j)
+      atomicAdd(reinterpret_cast<float2*>(dst + j * 8), make_float2(acc[j][2 * h], acc[j][2 * h + 1]));
   }
 }
 
 template <typename T, int D, bool kFuseDq>
 __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
-  constexpr int BM = kBwdBlockM, BN = kBwdBlockN, MT = BM / 8, DT = D / 8;
+  using Tl = DkdvTile<D, kFuseDq>;
+  constexpr int BM = Tl::BM, BN = Tl::BN, KMT = Tl::KMT, QT = Tl::QT, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);  // [BN][D]
   T* sV = sK + BN * D;                 // [BN][D]
@@ -152,7 +168,7 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   T* sdO = sQ + 2 * BM * D;            // [2][BM][D]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * D);  // [2][BM], log2 units
   float* sDsum = sLse + 2 * BM;                               // [2][BM]
-  T* sdS = reinterpret_cast<T*>(sDsum + 2 * BM);              // fused dQ: dSᵀ [BN][BM]
+  T* sdS = reinterpret_cast<T*>(sDsum + 2 * BM);              // fused dQ: dS [BM][BN]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_block = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;  // low key tiles have the most work
@@ -189,14 +205,14 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   };
 
   const int g = lane >> 2, t = lane & 3;
-  const int warp_row0 = warp * 16;  // this warp's keys within the tile
+  const int warp_row0 = warp * 16 * KMT;  // this warp's keys within the tile
   const bool warp_active = warp_row0 < keys;
-  float dk[DT][4] = {};
-  float dv[DT][4] = {};
+  float dk[KMT][DT][4] = {};
+  float dv[KMT][DT][4] = {};
   if constexpr (kFuseDq) {
-    if (!warp_active)  // keys past the end: their dS rows stay zero (the K rows they meet are zero-filled)
-      for (int i = lane; i < 16 * BM / 2; i += 32)
-        reinterpret_cast<uint32_t*>(sdS + warp_row0 * BM)[i] = 0u;
+    if (!warp_active)  // keys past the end: their dS columns stay zero (the K rows they meet are zero-filled)
+      for (int i = lane; i < BM * 2 * KMT; i += 32)  // BM rows x 16 KMT columns, 8 at a time
+        *reinterpret_cast<uint4*>(sdS + swz<BN>(i / (2 * KMT), warp_row0 + 8 * (i % (2 * KMT)))) = make_uint4(0, 0, 0, 0);
   }
 
   if (iters > 0) {
@@ -222,57 +238,74 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
     const float* dsum_s = sDsum + stage * BM;
     const int m0 = (m_begin + it % num_m) * BM;
     if (warp_active) {
-      float pt[MT][4] = {};  // Sᵀ then Pᵀ: [16 keys x BM queries]
-      gemm_abt<T, D, MT>(pt, sK, warp_row0, sQs, lane);
-      const bool need_mask = p.causal && n0 + warp_row0 + 15 > m0 + diag;
+      float pt[KMT][QT][4] = {};  // Sᵀ then Pᵀ: [16 KMT keys x BM queries]
+      gemm_abt_rows<T, D, QT, KMT>(pt, sK, warp_row0, sQs, lane);
 #pragma unroll
-      for (int j = 0; j < MT; ++j)
+      for (int kt = 0; kt < KMT; ++kt) {
+        const int key0 = warp_row0 + 16 * kt;  // within the tile
+        const bool need_mask = p.causal && n0 + key0 + 15 > m0 + diag;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
-          float x = exp2f(fmaf(pt[j][e], p.scale_log2, -lse_s[qi]));
-          if (need_mask && n0 + warp_row0 + g + 8 * (e >> 1) > m0 + qi + diag) x = 0.f;
-          pt[j][e] = x;
-        }
-      float dpt[MT][4] = {};  // dPᵀ = V dOᵀ
-      gemm_abt<T, D, MT>(dpt, sV, warp_row0, sdOs, lane);
-      gemm_pb<T, D, MT>(dv, pt, sdOs, lane);  // dV += Pᵀ dO
+        for (int j = 0; j < QT; ++j)
 #pragma unroll
-      for (int j = 0; j < MT; ++j)
+          for (int e = 0; e < 4; ++e) {
+            const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
+            float x = exp2f(fmaf(pt[kt][j][e], p.scale_log2, -lse_s[qi]));
+            if (need_mask && n0 + key0 + g + 8 * (e >> 1) > m0 + qi + diag) x = 0.f;
+            pt[kt][j][e] = x;
+          }
+      }
+      float dpt[KMT][QT][4] = {};  // dPᵀ = V dOᵀ
+      gemm_abt_rows<T, D, QT, KMT>(dpt, sV, warp_row0, sdOs, lane);
+      gemm_pb_rows<T, D, QT, KMT>(dv, pt, sdOs, lane);  // dV += Pᵀ dO
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - dsum_s[j * 8 + 2 * t + (e & 1)]);
-      gemm_pb<T, D, MT>(dk, dpt, sQs, lane);  // dK += dSᵀ Q (scaled at the end)
+      for (int kt = 0; kt < KMT; ++kt)
+#pragma unroll
+        for (int j = 0; j < QT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            dpt[kt][j][e] = pt[kt][j][e] * (dpt[kt][j][e] - dsum_s[j * 8 + 2 * t + (e & 1)]);
+      gemm_pb_rows<T, D, QT, KMT>(dk, dpt, sQs, lane);  // dK += dSᵀ Q (scaled at the end)
       if constexpr (kFuseDq) {
-        // dSᵀ rounded to T as the dK GEMM took it; rows = this warp's keys. Rows past the last key are stored as 0:
-        // there P = exp2(-lse) from zero-filled K rows, unmasked (their dK/dV rows are never stored) and able to
-        // overflow fp16, and inf times those rows' zero K would put NaN into dQ.
+        // dS (transposed back: sdS is [query][key]) rounded to T as the dK GEMM took it. Keys past the last are
+        // stored as 0: there P = exp2(-lse) from zero-filled K rows is unmasked (their dK/dV rows are never
+        // stored) and can overflow fp16, and inf times those rows' zero K would put NaN into dQ.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool live = warp_row0 + g + 8 * h < keys;
+        for (int kt = 0; kt < KMT; ++kt) {
+          const int key0 = warp_row0 + 16 * kt;
+          const bool live_lo = key0 + g < keys, live_hi = key0 + g + 8 < keys;
 #pragma unroll
-          for (int j = 0; j < MT; ++j)
-            store2(sdS + swz<BM>(warp_row0 + g + 8 * h, j * 8) + 2 * t, live ? dpt[j][2 * h] : 0.f,
-                   live ? dpt[j][2 * h + 1] : 0.f);
+          for (int j = 0; j < QT; j += 2) {  // an x4 stmatrix: keys key0 / key0 + 8 x queries of tiles j, j + 1
+            const uint32_t r[4] = {
+                Half<T>::pack(live_lo ? dpt[kt][j][0] : 0.f, live_lo ? dpt[kt][j][1] : 0.f),
+                Half<T>::pack(live_hi ? dpt[kt][j][2] : 0.f, live_hi ? dpt[kt][j][3] : 0.f),
+                Half<T>::pack(live_lo ? dpt[kt][j + 1][0] : 0.f, live_lo ? dpt[kt][j + 1][1] : 0.f),
+                Half<T>::pack(live_hi ? dpt[kt][j + 1][2] : 0.f, live_hi ? dpt[kt][j + 1][3] : 0.f)};
+            const int mi = lane >> 3;  // matrix mi: query rows (j + mi / 2) * 8 + (lane & 7), keys key0 + 8 (mi & 1)
+            stsm_x4_trans(smem_u32(sdS + swz<BN>((j + (mi >> 1)) * 8 + (lane & 7), key0 + ((mi & 1) << 3))), r);
+          }
         }
       }
     }  // warp_active
-    // every warp (its query rows are live even where its keys are not)
-    if constexpr (kFuseDq) accumulate_dq<T, D>(p, s, b, kv_head * p.group + it / num_m, m0, sdS, sK, warp, lane);
+    // every warp (its dQ rows are live even where its keys are not)
+    if constexpr (kFuseDq) accumulate_dq<T, D>(p, s, kv_head * p.group + it / num_m, m0, sdS, sK, warp, lane);
   }
 
   if (!warp_active) return;
   T* dk_out = static_cast<T*>(p.dk) + (s.k_tok0 + int64_t(n0)) * p.k_row_stride + int64_t(kv_head) * D;
   T* dv_out = static_cast<T*>(p.dv) + (s.k_tok0 + int64_t(n0)) * p.k_row_stride + int64_t(kv_head) * D;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = warp_row0 + g + 8 * h;
-    if (r >= keys) continue;
+  for (int kt = 0; kt < KMT; ++kt)
 #pragma unroll
-    for (int j = 0; j < DT; ++j) {
-      store2(dk_out + r * p.k_row_stride + j * 8 + 2 * t, dk[j][2 * h] * p.scale, dk[j][2 * h + 1] * p.scale);
-      store2(dv_out + r * p.k_row_stride + j * 8 + 2 * t, dv[j][2 * h], dv[j][2 * h + 1]);
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row0 + 16 * kt + g + 8 * h;
+      if (r >= keys) continue;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        store2(dk_out + r * p.k_row_stride + j * 8 + 2 * t, dk[kt][j][2 * h] * p.scale,
+               dk[kt][j][2 * h + 1] * p.scale);
+        store2(dv_out + r * p.k_row_stride + j * 8 + 2 * t, dv[kt][j][2 * h], dv[kt][j][2 * h + 1]);
+      }
     }
-  }
 }
 
 // ---------------------------------------------------------------------------------- 3. dQ
@@ -397,15 +430,15 @@ struct RunBwd {
     dot_do_o_kernel<T, D><<<dim3(unsigned((q_rows + 7) / 8)), 256, 0, stream>>>(p, q_rows);
     L3K_CHECK_LAUNCH("dot_do_o_kernel");
 
-    constexpr int smem_dkdv = (2 * kBwdBlockN + 4 * kBwdBlockM) * D * int(sizeof(T)) + 4 * kBwdBlockM * 4;
-    const dim3 grid_dkdv(cdiv(max_seqlen_k, kBwdBlockN), p.hq / p.group, batch);
+    const dim3 grid_dkdv(cdiv(max_seqlen_k, DkdvTile<D, false>::BN), p.hq / p.group, batch);
     if (p.dq_accum != nullptr) {  // fused dQ: dkdv sums dQ into the zeroed workspace, then scale and round
-      constexpr int smem = smem_dkdv + kBwdBlockN * kBwdBlockM * int(sizeof(T));  // + dSᵀ
+      constexpr int smem = dkdv_smem<T, D, true>();
+      const dim3 grid(cdiv(max_seqlen_k, DkdvTile<D, true>::BN), p.hq / p.group, batch);
       const int64_t n = q_rows * D;
       check_cuda(cudaMemsetAsync(p.dq_accum, 0, n * sizeof(float), stream), "flash_bwd: memset dq_accum");
       check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                  "flash_bwd: cudaFuncSetAttribute");
-      dkdv_kernel<T, D, true><<<grid_dkdv, kBwdThreads, smem, stream>>>(p);
+      dkdv_kernel<T, D, true><<<grid, kBwdThreads, smem, stream>>>(p);
       L3K_CHECK_LAUNCH("dkdv_kernel");
       const int64_t n4 = n / 4, blocks = std::min<int64_t>(cdiv(int(std::min<int64_t>(n4, 1 << 30)), 256), 8192);
       dq_convert_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n4,
@@ -413,6 +446,7 @@ struct RunBwd {
       L3K_CHECK_LAUNCH("dq_convert_kernel");
       return;
     }
+    constexpr int smem_dkdv = dkdv_smem<T, D, false>();
     check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv),
                "flash_bwd: cudaFuncSetAttribute");
     dkdv_kernel<T, D, false><<<grid_dkdv, kBwdThreads, smem_dkdv, stream>>>(p);

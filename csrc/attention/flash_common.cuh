@@ -142,6 +142,18 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 #endif
 }
 
+// Stores four 8x8 matrices held as mma C-fragment pairs (lane = 4 g + t: row g, columns 2t, 2t+1, packed), each
+// transposed: matrix j goes to the 8 rows whose addresses lanes 8j..8j+7 give (sm_90 stmatrix).
+__device__ __forceinline__ void stsm_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+#ifdef L3K_EMU
+  emu::stmatrix_x4_trans(addr, r);
+#else
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#endif
+}
+
 // A fragment: rows m0..m0+15, k columns k0..k0+15 of a row-major [m][k] tile.
 // Lanes 0-15 address rows 0-15 at k0, lanes 16-31 rows 0-15 at k0 + 8: matrices (r0-7,k0) (r8-15,k0)
 // (r0-7,k0+8) (r8-15,k0+8) = a0 a1 a2 a3.

@@ -114,6 +114,7 @@ T shfl(unsigned mask, T v, int lane_arg, int width, int mode) {  // mode 0: xor,
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr, bool trans);
+void stmatrix_x4_trans(uint32_t smem_addr, const uint32_t (&r)[4]);
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 void cp_async16(uint32_t smem_dst, const void* src, bool pred);
 void cp_async_commit();

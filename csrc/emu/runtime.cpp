@@ -343,6 +343,28 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
   }, __builtin_return_address(0));
 }
 
+void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  struct In {
+    uint32_t addr;
+    uint32_t r[4];
+  } in{addr, {r[0], r[1], r[2], r[3]}};
+  int dummy = 0;
+  warp_collective(0xffffffffu, &in, &dummy, [](void* const* ins, void* const*, unsigned) {
+    auto row = [&](int lane) {  // the 8 halves of the destination row lane `lane` addresses
+      const uint32_t a = static_cast<In*>(ins[lane])->addr;
+      if (a % 16 != 0) fail("stmatrix: a row address not 16-byte aligned");
+      return reinterpret_cast<uint16_t*>(shared_range(a, 16, "stmatrix: a row outside the CTA's shared memory"));
+    };
+    for (int l = 0; l < 32; ++l) {  // lane l holds (row l/4, columns 2(l%4), +1) of each matrix j
+      const In& x = *static_cast<In*>(ins[l]);
+      for (int j = 0; j < 4; ++j) {  // transposed: to rows 2(l%4), +1 at column l/4
+        row(8 * j + 2 * (l % 4))[l / 4] = uint16_t(x.r[j] & 0xFFFF);
+        row(8 * j + 2 * (l % 4) + 1)[l / 4] = uint16_t(x.r[j] >> 16);
+      }
+    }
+  }, __builtin_return_address(0));
+}
+
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
   struct In {
     uint32_t a[4], b[2];
