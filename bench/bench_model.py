@@ -288,6 +288,12 @@ def _plain_decode(compile_it: bool):
     return make
 
 
+def fused_dq_skip() -> str | None:
+    """The dQ-kernel column only means something while the default column fuses dQ (bench/device_check.sh sets
+    L3K_BWD_FUSED_DQ=0 for the whole run when the fused dQ's tests fail)."""
+    return "the fused dQ is off in this run (L3K_BWD_FUSED_DQ=0)" if switched_off("L3K_BWD_FUSED_DQ") else None
+
+
 def cases(ctx: Context) -> list[Case]:
     skip = model_skip()
     if skip is None:
@@ -311,6 +317,12 @@ def cases(ctx: Context) -> list[Case]:
             skip=skip or sm90_skip(ctx.needs_cuda()),
         ),  # fmt: skip
         Impl(f"{OURS} + torch.compile", _train_step("ours", True), ours=True, skip=skip or comp, compiles=True),
+        Impl(
+            f"{OURS} (dQ kernel, deterministic)",
+            _train_step("ours", False, {"L3K_BWD_FUSED_DQ": "0"}),
+            ours=True,
+            skip=skip or ctx.needs_cuda() or fused_dq_skip(),
+        ),  # fmt: skip
         Impl("plain PyTorch eager (SDPA, F.rms_norm)", _train_step("plain", False), skip=skip),
         Impl("plain PyTorch torch.compile", _train_step("plain", True), skip=skip or comp, compiles=True),
     ]
