@@ -261,6 +261,27 @@ def test_fused_projections_match_and_launch_fewer_ops(dtype, gen):
     assert n_plain - n_fused == 12 * cfg.n_layers, (n_plain, n_fused)
 
 
+def test_stacked_qkv_under_autograd_matches_separate_projections(gen):
+    """With autograd on (training), wq, wk, wv run as one concatenated GEMM: the same loss and the same gradients
+    of the three weights (and of everything else) as three separate projections, up to the GEMM's blocking."""
+    cfg = get_config("debug", n_layers=2, **SMALL)
+    model = random_model(cfg, gen)
+    tokens = tokens_like(cfg, 2, 19, gen)
+    results = []
+    for stacked in (True, False):
+        m = copy.deepcopy(model)
+        for layer in m.layers:
+            layer.attention.stack_qkv_for_grad = stacked
+        loss = F.cross_entropy(m(tokens).flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and "layers.1.attention.wk.weight" in grads_a
+    for name, g in grads_a.items():
+        torch.testing.assert_close(g, grads_b[name], atol=1e-5 * float(grads_b[name].abs().max()), rtol=0, msg=name)
+
+
 def test_fp8_quantization_of_a_fused_model(gen):
     cfg = get_config("debug", n_layers=4, **SMALL)
     model = random_model(cfg, gen).to(torch.bfloat16)

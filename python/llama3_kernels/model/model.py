@@ -59,6 +59,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: nn.Linear | None = None  # set by fuse(): [wq; wk; wv] as one GEMM
+        self.stack_qkv_for_grad = True  # with autograd on: wq, wk, wv concatenated into one GEMM per call
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
@@ -86,6 +87,12 @@ class Attention(nn.Module):
         """q [B, S, Hq, D] and k [B, S, Hkv, D] rotated, v [B, S, Hkv, D]."""
         b, s, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is None and self.stack_qkv_for_grad and torch.is_grad_enabled():
+            # training: one GEMM for q, k, v forward and one each for dX and dW backward, instead of three each and
+            # two adds of dX (wk, wv are narrow: N = Hkv·D); the weights stay three parameters
+            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # [(Hq + 2 Hkv) D, dim]
+            q, k, v = F.linear(x, w).view(b, s, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=2)
+            return _rotate(q, rot), _rotate(k, rot), v
         if self.wqkv is None:
             q = self.wq(x).view(b, s, hq, d)
             k = self.wk(x).view(b, s, hkv, d)
