@@ -121,6 +121,18 @@ def _ours_dq_kernel(i):
     return call
 
 
+def _ours_one_mtile(i):
+    """This project's op with the D = 64 fused dQ at one 16-key m-tile a warp (4-warp CTAs) instead of two."""
+    with env_set({"L3K_BWD_TWO_MTILES": "0"}):
+        ours = _ours(i)
+
+    def call():
+        with env_set({"L3K_BWD_TWO_MTILES": "0"}):
+            return ours()
+
+    return call
+
+
 def _flex(i):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -214,6 +226,9 @@ def cases(ctx: Context) -> list[Case]:
             ]
             if mode == "bwd":
                 impls.insert(2, Impl(f"{OURS} (dQ kernel, deterministic)", _ours_dq_kernel, ours=True, skip=dq_skip))
+                if hd == 64:  # the fused dQ's tiling A/B (D = 128 has one m-tile a warp only)
+                    impls.insert(3, Impl(f"{OURS} (fused dQ, one key m-tile a warp)", _ours_one_mtile, ours=True,
+                                         skip=dq_skip))  # fmt: skip
             flops = fwd_flops * (2.5 if mode == "bwd" else 1.0)
             formula = "FLOPs = 4·B·H·S²·D / 2 (causal)" + (" × 2.5 (bwd)" if mode == "bwd" else "")
             out.append(Case(FAMILY, "flash_attention causal", mode, f"B={b} S={s} H={hq}/{hkv} D={hd}", "bf16",

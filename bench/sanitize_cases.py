@@ -72,8 +72,9 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         q, k, v = r(2, 77, 8, d, grad=True), r(2, 77, 2, d, grad=True), r(2, 77, 2, d, grad=True)
         out = ops.flash_attention(q, k, v, causal=True)
         torch.autograd.grad(out, (q, k, v), torch.randn_like(out))  # dQ fused into dK/dV (the default)
-        with env_set({"L3K_BWD_FUSED_DQ": "0"}):  # and the dQ kernel
-            torch.autograd.grad(ops.flash_attention(q, k, v, causal=True), (q, k, v), torch.randn_like(out))
+        for env in ({"L3K_BWD_FUSED_DQ": "0"}, {"L3K_BWD_TWO_MTILES": "0"}):  # the dQ kernel; the other fused tiling
+            with env_set(env):
+                torch.autograd.grad(ops.flash_attention(q, k, v, causal=True), (q, k, v), torch.randn_like(out))
         lens = [13, 64, 50, 27]  # packed documents, 154 tokens
         cu = torch.tensor([0, 13, 77, 127, 154], dtype=torch.int32, device=dev)
         qp, kp, vp = r(154, 8, d, grad=True), r(154, 2, d, grad=True), r(154, 2, d, grad=True)

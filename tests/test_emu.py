@@ -87,11 +87,21 @@ def test_flash_fwd_bwd(gen, d, causal, deterministic):
         _close(name, got, want, atol=2e-2 * want.abs().max().item(), rtol=3e-2)
 
 
+FUSED_TILINGS = ["1", "0"]  # L3K_BWD_TWO_MTILES: the D = 64 fused dQ with two key m-tiles a warp, or one
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("sq,sk,causal", [(65, 65, False), (77, 150, True), (150, 77, True), (1, 65, False)])
-def test_flash_bwd_partial_tiles(gen, dtype, sq, sk, causal):
-    """Query and key lengths apart (bottom-right causal), partial last key tiles, and a query row with a very low
-    lse (q against a nearly constant K): P = exp2(-lse) at the zero-filled key rows would overflow fp16."""
+@pytest.mark.parametrize(
+    "sq,sk,causal",
+    [(65, 65, False), (77, 150, True), (150, 77, True), (1, 65, False), (31, 184, True), (17, 300, False),
+     (300, 129, True), (2, 1, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("two_mtiles", FUSED_TILINGS)
+def test_flash_bwd_partial_tiles(gen, dtype, sq, sk, causal, two_mtiles, monkeypatch):
+    """Query and key lengths apart (bottom-right causal), partial last key tiles, short query tiles, and a query row
+    with a very low lse (q against a nearly constant K): P = exp2(-lse) at the zero-filled key rows past the end
+    would overflow fp16 if stored."""
+    monkeypatch.setenv("L3K_BWD_TWO_MTILES", two_mtiles)
     hq, hkv, d = 2, 1, 64
     k = (1 + 0.1 * torch.randn(1, sk, hkv, d, generator=gen)).to(dtype)
     q, v, dout = _randn(gen, 1, sq, hq, d, dtype=dtype), _randn(gen, 1, sk, hkv, d, dtype=dtype), None
@@ -104,6 +114,26 @@ def test_flash_bwd_partial_tiles(gen, dtype, sq, sk, causal):
     lows = _lowp_grads(q, k, v, dout, causal, d**-0.5)
     for deterministic in (True, False):
         got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, None, None, sq, sk, causal, d**-0.5,
+                      deterministic)  # fmt: skip
+        for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
+            _assert_within(f"{name} (deterministic={deterministic})", g, ref, low, gen.initial_seed())
+
+
+@pytest.mark.parametrize("two_mtiles", FUSED_TILINGS)
+def test_flash_bwd_varlen_empty_documents(gen, two_mtiles, monkeypatch):
+    """Packed documents with their own key offsets: empty ones, one with queries and no keys, keys past queries."""
+    monkeypatch.setenv("L3K_BWD_TWO_MTILES", two_mtiles)
+    q_lens, k_lens = [0, 3, 90, 5, 0, 40], [4, 0, 130, 5, 0, 71]
+    cu, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (q_lens, k_lens))
+    hq, hkv, d = 8, 2, 64
+    q, dout = _randn(gen, sum(q_lens), hq, d), _randn(gen, sum(q_lens), hq, d)
+    k, v = _randn(gen, sum(k_lens), hkv, d), _randn(gen, sum(k_lens), hkv, d)
+    mq, mk = max(q_lens), max(k_lens)
+    out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, cu, cu_k, mq, mk, True, 0.125)
+    refs = _fp32_grads(q, k, v, dout, True, 0.125, cu, cu_k)
+    lows = _lowp_grads(q, k, v, dout, True, 0.125, cu, cu_k)
+    for deterministic in (True, False):
+        got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, cu, cu_k, mq, mk, True, 0.125,
                       deterministic)  # fmt: skip
         for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
             _assert_within(f"{name} (deterministic={deterministic})", g, ref, low, gen.initial_seed())

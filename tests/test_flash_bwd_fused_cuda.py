@@ -43,10 +43,12 @@ def test_fused_dq_padded(gen, shape, causal, dtype):
 
 @pytest.mark.parametrize("sq,sk,causal", [(65, 65, False), (77, 150, True), (150, 77, True), (37, 199, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_dq_partial_tiles(gen, sq, sk, causal, dtype):
+@pytest.mark.parametrize("two_mtiles", ["1", "0"])  # D = 64: two 16-key m-tiles a warp (the default), or one
+def test_fused_dq_partial_tiles(gen, sq, sk, causal, dtype, two_mtiles, monkeypatch):
     """Query and key lengths apart (bottom-right causal), partial key tiles, and a row with a very low lse: P at the
     zero-filled key rows past the end would overflow fp16 in dS if those keys were not masked."""
     _need("flash_attn_bwd")
+    monkeypatch.setenv("L3K_BWD_TWO_MTILES", two_mtiles)
     hq, hkv, d = 4, 2, 64
     k = (1 + 0.1 * torch.randn(1, sk, hkv, d, generator=gen)).to(device="cuda", dtype=dtype)
     q, dout = _randn(gen, 1, sq, hq, d, dtype=dtype), _randn(gen, 1, sq, hq, d, dtype=dtype)

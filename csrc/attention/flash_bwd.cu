@@ -104,43 +104,55 @@ __global__ void __launch_bounds__(256) dot_do_o_kernel(const BwdParams p, int64_
 }
 
 // ---------------------------------------------------------------------------------- 2. dK, dV
-// Tiles of the dK/dV kernel: KMT 16-key m-tiles a warp (BN = 64 KMT keys a CTA) against BM-query tiles. KMT = 2 (fused
-// dQ at D = 64, the Llama 3.2 1B training step) lets each Q / dO fragment read from shared memory feed two
-// tensor-core ops (0.45 ldmatrix a mma instead of 0.58); its dK, dV accumulators (2 x 64 floats a thread) leave room
-// for BM = 32 only. D = 128, and the deterministic path (the design the H200 ran), keep KMT = 1.
-template <int D, bool kFuseDq>
+// Tiles of the dK/dV kernel: KMT 16-key m-tiles a warp, a CTA of 64 keys (16 KMT a warp, WARPS warps) against
+// BM-query tiles. KMT = 2 (the fused dQ at D = 64: the Llama 3.2 1B training step; L3K_BWD_TWO_MTILES=0 turns it
+// off) lets each Q / dO fragment read from shared memory feed two tensor-core ops (0.45 ldmatrix a mma instead of
+// 0.58); its dK, dV accumulators (2 x 64 floats a thread) leave room for BM = 32 only, and its CTAs have 2 warps, so
+// that the grid, and the causal critical path (the first key tile sees every query tile), stay those of KMT = 1.
+template <int D, int KMT_>
 struct DkdvTile {
-  static constexpr int KMT = D == 64 && kFuseDq ? 2 : 1;
-  static constexpr int BN = 16 * KMT * kBwdWarps;  // keys a CTA
-  static constexpr int BM = KMT == 2 ? 32 : 64;    // queries a tile
-  static constexpr int QT = BM / 8;                // 8-query column tiles of Sᵀ
-  static constexpr int DQ_SPLIT = kBwdWarps / (BM / 16);  // fused dQ: warps sharing one 16-row tile (by columns)
+  static constexpr int KMT = KMT_;
+  static constexpr int WARPS = KMT == 2 ? 2 : kBwdWarps;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int BN = 16 * KMT * WARPS;   // keys a CTA
+  static constexpr int BM = KMT == 2 ? 32 : 64;  // queries a tile
+  static constexpr int QT = BM / 8;              // 8-query column tiles of Sᵀ (even: two a stmatrix)
+  static_assert(BN == 64 && WARPS * 16 == BM && QT % 2 == 0, "fused dQ: a 16-row dQ tile a warp");
 };
 
-template <typename T, int D, bool kFuseDq>
+template <typename T, int D, bool kFuseDq, int KMT>
 constexpr int dkdv_smem() {
-  using Tl = DkdvTile<D, kFuseDq>;
-  return (2 * Tl::BN + 4 * Tl::BM) * D * int(sizeof(T)) + 4 * Tl::BM * 4 + (kFuseDq ? Tl::BM * Tl::BN * int(sizeof(T)) : 0);
+  using Tl = DkdvTile<D, KMT>;
+  constexpr int fused = kFuseDq ? Tl::BM * Tl::BN * int(sizeof(T)) : 0;  // dS
+  return (2 * Tl::BN + 4 * Tl::BM) * D * int(sizeof(T)) + 4 * Tl::BM * 4 + fused;
 }
 
-// Fused dQ, one iteration of dkdv: after every warp stored its dS columns (sdS = dS [BM queries][BN keys]), warp w
-// adds its share of dQ_tile = dS K (16 rows, D / DQ_SPLIT columns) into p.dq_accum (unscaled) with float2 atomics.
-template <typename T, int D>
+// A fragment (rows m0.., k columns k0..) of A = tileᵀ from a row-major [k][m] tile of row length M (dS from the
+// stored dSᵀ): the transposing ldmatrix of the four 8x8 blocks (k0, m0) (k0, m0+8) (k0+8, m0) (k0+8, m0+8).
+template <int M, typename T>
+__device__ __forceinline__ void ldsm_a_kn(uint32_t (&a)[4], const T* tile, int m0, int k0, int lane) {
+  const int mi = lane >> 3;
+  ldsm_x4_trans(a, smem_u32(tile + swz<M>(k0 + (lane & 7) + ((mi >> 1) << 3), m0 + ((mi & 1) << 3))));
+}
+
+// Fused dQ, one iteration of dkdv: after every warp stored its share of dS (KMT = 1: sdS = dSᵀ [BN keys][BM queries],
+// stored lane by lane; KMT = 2: dS [BM queries][BN keys], stored transposed by stmatrix), warp w adds dQ rows
+// 16 w.. of the query tile, Σ over the tile's keys of dS K, into p.dq_accum (unscaled) with float2 atomics.
+template <typename T, int D, int KMT>
 __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const SeqInfo& s, int head, int m0, const T* sdS,
                                               const T* sK, int warp, int lane) {
-  using Tl = DkdvTile<D, true>;
-  constexpr int DC = D / Tl::DQ_SPLIT;  // columns a warp
-  const int r0 = (warp / Tl::DQ_SPLIT) * 16, c0 = (warp % Tl::DQ_SPLIT) * DC;
+  using Tl = DkdvTile<D, KMT>;
   __syncthreads();  // every warp's dS is stored (the next iteration's barrier keeps it until all have read)
-  float acc[DC / 8][4] = {};
+  float acc[D / 8][4] = {};
 #pragma unroll
   for (int kk = 0; kk < Tl::BN / 16; ++kk) {
     uint32_t a[4];
-    ldsm_a<Tl::BN>(a, sdS, r0, kk * 16, lane);
+    if constexpr (KMT == 1) ldsm_a_kn<Tl::BM>(a, sdS, warp * 16, kk * 16, lane);
+    else ldsm_a<Tl::BN>(a, sdS, warp * 16, kk * 16, lane);
 #pragma unroll
-    for (int dp = 0; dp < DC / 16; ++dp) {
+    for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t bf[4];
-      ldsm_b_kn<D>(bf, sK, kk * 16, c0 + dp * 16, lane);
+      ldsm_b_kn<D>(bf, sK, kk * 16, dp * 16, lane);
       Half<T>::mma(acc[2 * dp], a, bf[0], bf[1]);
       Half<T>::mma(acc[2 * dp + 1], a, bf[2], bf[3]);
     }
@@ -148,19 +160,19 @@ __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const SeqInfo&
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int tok = m0 + r0 + g + 8 * h;
+    const int tok = m0 + warp * 16 + g + 8 * h;
     if (tok >= s.seqlen_q) continue;
-    float* dst = p.dq_accum + (s.q_tok0 + int64_t(tok)) * p.q_row_stride + int64_t(head) * D + c0 + 2 * t;
+    float* dst = p.dq_accum + (s.q_tok0 + int64_t(tok)) * p.q_row_stride + int64_t(head) * D + 2 * t;
 #pragma unroll
-    for (int j = 0; j < DC / 8; ++j)
+    for (int j = 0; j < D / 8; ++j)
       atomicAdd(reinterpret_cast<float2*>(dst + j * 8), make_float2(acc[j][2 * h], acc[j][2 * h + 1]));
   }
 }
 
-template <typename T, int D, bool kFuseDq>
-__global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
-  using Tl = DkdvTile<D, kFuseDq>;
-  constexpr int BM = Tl::BM, BN = Tl::BN, KMT = Tl::KMT, QT = Tl::QT, DT = D / 8;
+template <typename T, int D, bool kFuseDq, int KMT>
+__global__ void __launch_bounds__(DkdvTile<D, KMT>::THREADS) dkdv_kernel(const BwdParams p) {
+  using Tl = DkdvTile<D, KMT>;
+  constexpr int BM = Tl::BM, BN = Tl::BN, QT = Tl::QT, DT = D / 8, kThreads = Tl::THREADS;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);  // [BN][D]
   T* sV = sK + BN * D;                 // [BN][D]
@@ -168,7 +180,7 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   T* sdO = sQ + 2 * BM * D;            // [2][BM][D]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * D);  // [2][BM], log2 units
   float* sDsum = sLse + 2 * BM;                               // [2][BM]
-  T* sdS = reinterpret_cast<T*>(sDsum + 2 * BM);              // fused dQ: dS [BM][BN]
+  T* sdS = reinterpret_cast<T*>(sDsum + 2 * BM);              // fused dQ: dSᵀ [BN][BM] (KMT 1), dS [BM][BN] (2)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_block = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;  // low key tiles have the most work
@@ -194,8 +206,8 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
         return m0 + r < s.seqlen_q ? base + (m0 + r) * p.q_row_stride + int64_t(head) * D : nullptr;
       };
     };
-    load_tile<D, BM, kBwdThreads>(sQ + stage * BM * D, rows(q), static_cast<const T*>(p.q), tid);
-    load_tile<D, BM, kBwdThreads>(sdO + stage * BM * D, rows(d_o), static_cast<const T*>(p.dout), tid);
+    load_tile<D, BM, kThreads>(sQ + stage * BM * D, rows(q), static_cast<const T*>(p.q), tid);
+    load_tile<D, BM, kThreads>(sdO + stage * BM * D, rows(d_o), static_cast<const T*>(p.dout), tid);
     if (tid < BM) {  // plain loads: visible to all after the next barrier
       const bool ok = m0 + tid < s.seqlen_q;
       const int64_t si = stat_index(p, s, b, head, m0 + tid);
@@ -210,17 +222,22 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
   float dk[KMT][DT][4] = {};
   float dv[KMT][DT][4] = {};
   if constexpr (kFuseDq) {
-    if (!warp_active)  // keys past the end: their dS columns stay zero (the K rows they meet are zero-filled)
-      for (int i = lane; i < BM * 2 * KMT; i += 32)  // BM rows x 16 KMT columns, 8 at a time
-        *reinterpret_cast<uint4*>(sdS + swz<BN>(i / (2 * KMT), warp_row0 + 8 * (i % (2 * KMT)))) = make_uint4(0, 0, 0, 0);
+    if (!warp_active) {  // keys past the end: their dS stays zero (the K rows they meet are zero-filled)
+      if constexpr (KMT == 1) {  // 16 rows of dSᵀ
+        for (int i = lane; i < 16 * BM / 2; i += 32) reinterpret_cast<uint32_t*>(sdS + warp_row0 * BM)[i] = 0u;
+      } else {  // 16 KMT columns of dS, 8 at a time
+        for (int i = lane; i < BM * 2 * KMT; i += 32)
+          *reinterpret_cast<uint4*>(sdS + swz<BN>(i / (2 * KMT), warp_row0 + 8 * (i % (2 * KMT)))) = uint4{};
+      }
+    }
   }
 
   if (iters > 0) {
     auto key_rows = [&](const T* base) {
       return [=](int r) -> const T* { return r < keys ? base + r * p.k_row_stride : nullptr; };
     };
-    load_tile<D, BN, kBwdThreads>(sK, key_rows(k), static_cast<const T*>(p.k), tid);
-    load_tile<D, BN, kBwdThreads>(sV, key_rows(v), static_cast<const T*>(p.v), tid);
+    load_tile<D, BN, kThreads>(sK, key_rows(k), static_cast<const T*>(p.k), tid);
+    load_tile<D, BN, kThreads>(sV, key_rows(v), static_cast<const T*>(p.v), tid);
     load_q_tile(0, 0);
     cp_async_commit();
   }
@@ -249,7 +266,8 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int qi = j * 8 + 2 * t + (e & 1);  // query within the tile
-            float x = exp2f(fmaf(pt[kt][j][e], p.scale_log2, -lse_s[qi]));
+            const float y = fmaf(pt[kt][j][e], p.scale_log2, -lse_s[qi]);
+            float x = kFuseDq ? exp2_approx(y) : exp2f(y);  // (the dq-kernel path as the H200 ran it)
             if (need_mask && n0 + key0 + g + 8 * (e >> 1) > m0 + qi + diag) x = 0.f;
             pt[kt][j][e] = x;
           }
@@ -266,28 +284,38 @@ __global__ void __launch_bounds__(kBwdThreads) dkdv_kernel(const BwdParams p) {
             dpt[kt][j][e] = pt[kt][j][e] * (dpt[kt][j][e] - dsum_s[j * 8 + 2 * t + (e & 1)]);
       gemm_pb_rows<T, D, QT, KMT>(dk, dpt, sQs, lane);  // dK += dSᵀ Q (scaled at the end)
       if constexpr (kFuseDq) {
-        // dS (transposed back: sdS is [query][key]) rounded to T as the dK GEMM took it. Keys past the last are
-        // stored as 0: there P = exp2(-lse) from zero-filled K rows is unmasked (their dK/dV rows are never
-        // stored) and can overflow fp16, and inf times those rows' zero K would put NaN into dQ.
+        // dS rounded to T as the dK GEMM took it. Keys past the last are stored as 0: there P = exp2(-lse) from
+        // zero-filled K rows is unmasked (their dK/dV rows are never stored) and can overflow fp16, and inf times
+        // those rows' zero K would put NaN into dQ.
 #pragma unroll
         for (int kt = 0; kt < KMT; ++kt) {
           const int key0 = warp_row0 + 16 * kt;
           const bool live_lo = key0 + g < keys, live_hi = key0 + g + 8 < keys;
+          if constexpr (KMT == 1) {  // dSᵀ rows = this warp's keys, lane by lane
 #pragma unroll
-          for (int j = 0; j < QT; j += 2) {  // an x4 stmatrix: keys key0 / key0 + 8 x queries of tiles j, j + 1
-            const uint32_t r[4] = {
-                Half<T>::pack(live_lo ? dpt[kt][j][0] : 0.f, live_lo ? dpt[kt][j][1] : 0.f),
-                Half<T>::pack(live_hi ? dpt[kt][j][2] : 0.f, live_hi ? dpt[kt][j][3] : 0.f),
-                Half<T>::pack(live_lo ? dpt[kt][j + 1][0] : 0.f, live_lo ? dpt[kt][j + 1][1] : 0.f),
-                Half<T>::pack(live_hi ? dpt[kt][j + 1][2] : 0.f, live_hi ? dpt[kt][j + 1][3] : 0.f)};
-            const int mi = lane >> 3;  // matrix mi: query rows (j + mi / 2) * 8 + (lane & 7), keys key0 + 8 (mi & 1)
-            stsm_x4_trans(smem_u32(sdS + swz<BN>((j + (mi >> 1)) * 8 + (lane & 7), key0 + ((mi & 1) << 3))), r);
+            for (int j = 0; j < QT; ++j) {
+              store2(sdS + swz<BM>(key0 + g, j * 8) + 2 * t, live_lo ? dpt[kt][j][0] : 0.f,
+                     live_lo ? dpt[kt][j][1] : 0.f);
+              store2(sdS + swz<BM>(key0 + g + 8, j * 8) + 2 * t, live_hi ? dpt[kt][j][2] : 0.f,
+                     live_hi ? dpt[kt][j][3] : 0.f);
+            }
+          } else {  // dS [query][key]: an x4 stmatrix transposes keys key0 / key0 + 8 x the queries of tiles j, j + 1
+#pragma unroll
+            for (int j = 0; j < QT; j += 2) {
+              const uint32_t r[4] = {
+                  Half<T>::pack(live_lo ? dpt[kt][j][0] : 0.f, live_lo ? dpt[kt][j][1] : 0.f),
+                  Half<T>::pack(live_hi ? dpt[kt][j][2] : 0.f, live_hi ? dpt[kt][j][3] : 0.f),
+                  Half<T>::pack(live_lo ? dpt[kt][j + 1][0] : 0.f, live_lo ? dpt[kt][j + 1][1] : 0.f),
+                  Half<T>::pack(live_hi ? dpt[kt][j + 1][2] : 0.f, live_hi ? dpt[kt][j + 1][3] : 0.f)};
+              const int mi = lane >> 3;  // matrix mi: query rows (j + mi / 2) 8 + (lane & 7), keys key0 + 8 (mi & 1)
+              stsm_x4_trans(smem_u32(sdS + swz<BN>((j + (mi >> 1)) * 8 + (lane & 7), key0 + ((mi & 1) << 3))), r);
+            }
           }
         }
       }
     }  // warp_active
     // every warp (its dQ rows are live even where its keys are not)
-    if constexpr (kFuseDq) accumulate_dq<T, D>(p, s, kv_head * p.group + it / num_m, m0, sdS, sK, warp, lane);
+    if constexpr (kFuseDq) accumulate_dq<T, D, KMT>(p, s, kv_head * p.group + it / num_m, m0, sdS, sK, warp, lane);
   }
 
   if (!warp_active) return;
@@ -423,6 +451,15 @@ __global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict
   }
 }
 
+template <typename T, int D, bool kFuseDq, int KMT>
+void launch_dkdv(const BwdParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = dkdv_smem<T, D, kFuseDq, KMT>();
+  check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, kFuseDq, KMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "flash_bwd: cudaFuncSetAttribute");
+  dkdv_kernel<T, D, kFuseDq, KMT><<<grid, DkdvTile<D, KMT>::THREADS, smem, stream>>>(p);
+  L3K_CHECK_LAUNCH("dkdv_kernel");
+}
+
 template <typename T, int D>
 struct RunBwd {
   static void run(const BwdParams& p, int batch, int max_seqlen, int max_seqlen_k, int64_t q_rows,
@@ -430,27 +467,23 @@ struct RunBwd {
     dot_do_o_kernel<T, D><<<dim3(unsigned((q_rows + 7) / 8)), 256, 0, stream>>>(p, q_rows);
     L3K_CHECK_LAUNCH("dot_do_o_kernel");
 
-    const dim3 grid_dkdv(cdiv(max_seqlen_k, DkdvTile<D, false>::BN), p.hq / p.group, batch);
+    const dim3 grid_dkdv(cdiv(max_seqlen_k, 64), p.hq / p.group, batch);  // DkdvTile::BN
     if (p.dq_accum != nullptr) {  // fused dQ: dkdv sums dQ into the zeroed workspace, then scale and round
-      constexpr int smem = dkdv_smem<T, D, true>();
-      const dim3 grid(cdiv(max_seqlen_k, DkdvTile<D, true>::BN), p.hq / p.group, batch);
       const int64_t n = q_rows * D;
       check_cuda(cudaMemsetAsync(p.dq_accum, 0, n * sizeof(float), stream), "flash_bwd: memset dq_accum");
-      check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                 "flash_bwd: cudaFuncSetAttribute");
-      dkdv_kernel<T, D, true><<<grid, kBwdThreads, smem, stream>>>(p);
-      L3K_CHECK_LAUNCH("dkdv_kernel");
+      bool two_mtiles = false;  // D = 64 only: its dK, dV accumulators leave room
+      if constexpr (D == 64) two_mtiles = !env_switch_off("L3K_BWD_TWO_MTILES");
+      if constexpr (D == 64) {
+        if (two_mtiles) launch_dkdv<T, D, true, 2>(p, grid_dkdv, stream);
+      }
+      if (!two_mtiles) launch_dkdv<T, D, true, 1>(p, grid_dkdv, stream);
       const int64_t n4 = n / 4, blocks = std::min<int64_t>(cdiv(int(std::min<int64_t>(n4, 1 << 30)), 256), 8192);
       dq_convert_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n4,
                                                                       p.scale);
       L3K_CHECK_LAUNCH("dq_convert_kernel");
       return;
     }
-    constexpr int smem_dkdv = dkdv_smem<T, D, false>();
-    check_cuda(cudaFuncSetAttribute(dkdv_kernel<T, D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv),
-               "flash_bwd: cudaFuncSetAttribute");
-    dkdv_kernel<T, D, false><<<grid_dkdv, kBwdThreads, smem_dkdv, stream>>>(p);
-    L3K_CHECK_LAUNCH("dkdv_kernel");
+    launch_dkdv<T, D, false, 1>(p, grid_dkdv, stream);
 
     constexpr int smem_dq = (2 * kBwdBlockM + 4 * kBwdBlockN) * D * int(sizeof(T));
     check_cuda(cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq),

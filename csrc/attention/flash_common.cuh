@@ -143,7 +143,8 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 }
 
 // Stores four 8x8 matrices held as mma C-fragment pairs (lane = 4 g + t: row g, columns 2t, 2t+1, packed), each
-// transposed: matrix j goes to the 8 rows whose addresses lanes 8j..8j+7 give (sm_90 stmatrix).
+// transposed: memory row i of matrix j (its address from lane 8j + i) receives the fragment's column i (sm_90
+// stmatrix .trans).
 __device__ __forceinline__ void stsm_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
 #ifdef L3K_EMU
   emu::stmatrix_x4_trans(addr, r);
@@ -239,6 +240,18 @@ template <typename T, int D, int KT>
 __device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4], const T* sB, int lane) {
   gemm_pb_rows<T, D, KT, 1>(reinterpret_cast<float(&)[1][D / 8][4]>(acc),
                             reinterpret_cast<const float(&)[1][KT][4]>(p), sB, lane);
+}
+
+// 2^x by the MUFU approximation (flush-to-zero; 2^-inf = 0), as --use_fast_math would compile exp2f: exp2f's
+// denormal-safe sequence costs 3 more instructions and registers in a loop at the register limit.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef L3K_EMU
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
 }
 
 // Reductions over the 4 lanes (t = 0..3) that share a fragment row.
