@@ -96,41 +96,21 @@ def sm90_skip(cuda_skip: str | None) -> str | None:
     return cuda_skip or (f"sm90 {', '.join(failed)} failed its standalone check in this run" if failed else None)
 
 
-def _ours_sm90(i):
-    """This project's op with the opt-in Hopper forward and backward, enabled while building and at each call."""
-    with env_set(SM90_ENV):
-        ours = _ours(i)  # a backward row runs its forward here
+def _ours_with(env: dict[str, str]):
+    """This project's op with `env` set while the row is built (a backward row runs its forward there) and around
+    each timed call: the opt-in Hopper kernels, the dQ kernel, the other fused-dQ tiling."""
 
-    def call():
-        with env_set(SM90_ENV):
-            return ours()
+    def make(i):
+        with env_set(env):
+            ours = _ours(i)
 
-    return call
+        def call():
+            with env_set(env):
+                return ours()
 
+        return call
 
-def _ours_dq_kernel(i):
-    """This project's op with the backward's separate dQ kernel (the deterministic path) instead of dQ fused into
-    the dK/dV kernel."""
-    with env_set({"L3K_BWD_FUSED_DQ": "0"}):
-        ours = _ours(i)
-
-    def call():
-        with env_set({"L3K_BWD_FUSED_DQ": "0"}):
-            return ours()
-
-    return call
-
-
-def _ours_one_mtile(i):
-    """This project's op with the D = 64 fused dQ at one 16-key m-tile a warp (4-warp CTAs) instead of two."""
-    with env_set({"L3K_BWD_TWO_MTILES": "0"}):
-        ours = _ours(i)
-
-    def call():
-        with env_set({"L3K_BWD_TWO_MTILES": "0"}):
-            return ours()
-
-    return call
+    return make
 
 
 def _flex(i):
@@ -217,7 +197,7 @@ def cases(ctx: Context) -> list[Case]:
         for mode in ("fwd", "bwd"):
             impls = [
                 Impl(OURS, _ours, ours=True),
-                Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=sm90_skip(cuda_skip)),
+                Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_with(SM90_ENV), ours=True, skip=sm90_skip(cuda_skip)),
                 Impl("SDPA flash", sdpa("FLASH_ATTENTION")),
                 Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip),
                 Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip),
@@ -225,9 +205,17 @@ def cases(ctx: Context) -> list[Case]:
                 Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
             ]
             if mode == "bwd":
-                impls.insert(2, Impl(f"{OURS} (dQ kernel, deterministic)", _ours_dq_kernel, ours=True, skip=dq_skip))
+                impls.insert(
+                    2,
+                    Impl(
+                        f"{OURS} (dQ kernel, deterministic)",
+                        _ours_with({"L3K_BWD_FUSED_DQ": "0"}),
+                        ours=True,
+                        skip=dq_skip,
+                    ),
+                )
                 if hd == 64:  # the fused dQ's tiling A/B (D = 128 has one m-tile a warp only)
-                    impls.insert(3, Impl(f"{OURS} (fused dQ, one key m-tile a warp)", _ours_one_mtile, ours=True,
+                    impls.insert(3, Impl(f"{OURS} (fused dQ, one key m-tile a warp)", _ours_with({"L3K_BWD_TWO_MTILES": "0"}), ours=True,
                                          skip=dq_skip))  # fmt: skip
             flops = fwd_flops * (2.5 if mode == "bwd" else 1.0)
             formula = "FLOPs = 4·B·H·S²·D / 2 (causal)" + (" × 2.5 (bwd)" if mode == "bwd" else "")
@@ -241,7 +229,7 @@ def cases(ctx: Context) -> list[Case]:
     for mode in ("fwd", "bwd"):
         impls = [
             Impl(OURS, _ours, ours=True),
-            Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_sm90, ours=True, skip=sm90_skip(cuda_skip)),
+            Impl(f"{OURS} (sm90 wgmma, opt-in)", _ours_with(SM90_ENV), ours=True, skip=sm90_skip(cuda_skip)),
             Impl("SDPA flash", skip="SDPA's flash backend takes no attention mask (documents need varlen)"),
             Impl("SDPA cuDNN", sdpa("CUDNN_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
             Impl("SDPA efficient", sdpa("EFFICIENT_ATTENTION"), skip=cuda_skip, note="dense bool mask"),
@@ -249,7 +237,12 @@ def cases(ctx: Context) -> list[Case]:
             Impl("flash-attn (Dao)", _flash_attn, skip=dao_skip),
         ]
         if mode == "bwd":
-            impls.insert(2, Impl(f"{OURS} (dQ kernel, deterministic)", _ours_dq_kernel, ours=True, skip=dq_skip))
+            impls.insert(
+                2,
+                Impl(
+                    f"{OURS} (dQ kernel, deterministic)", _ours_with({"L3K_BWD_FUSED_DQ": "0"}), ours=True, skip=dq_skip
+                ),
+            )
         flops = 4.0 * hq * d * pairs * (2.5 if mode == "bwd" else 1.0)
         formula = "FLOPs = 4·H·D·Σ L(L+1)/2 over documents (exact causal pairs)" + (" × 2.5" if mode == "bwd" else "")
         shape = f"B={b} S={s} H={hq}/{hkv} D={d} docs={sum(len(x) for x in docs)}"
