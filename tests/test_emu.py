@@ -412,3 +412,38 @@ def test_model_decode_step(gen):
     top2 = want_logits.topk(2, -1).values
     clear = top2[..., 0] - top2[..., 1] > 2 * err
     assert clear.any() and torch.equal(got_logits.argmax(-1)[clear], want_tokens[clear])
+
+
+# ------------------------------------------------------------------------------------- the 1B decode step's shapes
+def test_llama32_1b_decode_shapes(gen):
+    """The kernels of one 1B decode layer at their real sizes (dim 2048, 32/8 heads of 64, FFN 8192, a 4096-token
+    cache): the norm + q/k/v + RoPE + cache GEMV, attention over the full cache (the op's own split and cluster
+    choice, at the H100's 132 SMs), and the SwiGLU + w2 GEMV, each against the reference."""
+    dim, hq, hkv, d, ffn, length = 2048, 32, 8, 64, 8192, 4096
+    x, res = _randn(gen, 1, 1, dim), _randn(gen, 1, 1, dim)
+    g = 1 + _randn(gen, dim, scale=0.3)
+    wqkv = _randn(gen, (hq + 2 * hkv) * d, dim, scale=0.03)
+    pos = torch.tensor([[length - 1]])
+    angles = pos[..., None].double() * torch.rand(d // 2, generator=gen, dtype=torch.float64)
+    rot = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).float().contiguous()
+    kc, vc = _randn(gen, 1, length, hkv, d), _randn(gen, 1, length, hkv, d)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q, h = emu.run(linear._decode_qkv_rope_cache_cuda, x.view(1, dim), wqkv, res.view(1, dim), g, 1e-5, rot, pos, kc,
+                   vc, hq)  # fmt: skip
+    a, h_ref, _ = reference.rms_norm(x.view(1, dim), g, 1e-5, res.view(1, dim))
+    qkv = (a.double() @ wqkv.double().T).to(torch.bfloat16).view(1, 1, -1)
+    q_ref = rope._reference(qkv, rot, pos, kc_ref, vc_ref, hq)
+    assert torch.equal(h, h_ref)
+    _close_rotated("q", q, q_ref, qkv.view(1, 1, -1, d)[:, :, :hq])
+    _close_rotated("k_cache", kc[:, -1], kc_ref[:, -1], qkv.view(1, 1, -1, d)[:, 0, hq : hq + hkv])
+    lens = torch.tensor([length], dtype=torch.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(emu, "NUM_SMS", 132)
+        out = emu.run(attention._decode_attn_cuda, q, kc, vc, lens, d**-0.5)
+    want = reference.decode_attention(q.float(), kc.float(), vc.float(), lens, d**-0.5)
+    _close("attention", out, want, atol=4e-3, rtol=2e-2)
+    gate_up, w2 = _randn(gen, 1, 2 * ffn, scale=2.0), _randn(gen, dim, ffn, scale=0.02)
+    y, _ = emu.run(linear._decode_gemv_cuda, gate_up, w2, None, None, 0.0, linear.SWIGLU)
+    want_y, a2, _ = _gemv_ref(gate_up, w2, None, None, linear.SWIGLU, ffn)
+    mag = a2.double().abs() @ w2.double().abs().T
+    assert ((y.double() - want_y).abs() <= 2**-8 * want_y.abs() + 2**-10 * mag).all()
