@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
         for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
         mx = quad_max(mx);
         const float mx_scaled = mx == -kInf ? 0.f : mx * p.scale_log2;  // fully masked so far: keep exp2 finite
-        const float alpha = exp2f(row_max[mt][h] * p.scale_log2 - mx_scaled);
+        const float alpha = exp2_approx(row_max[mt][h] * p.scale_log2 - mx_scaled);
         row_max[mt][h] = mx;
         row_sum[mt][h] *= alpha;
 #pragma unroll
@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(const FwdParams 
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          s[mt][j][2 * h] = exp2f(fmaf(s[mt][j][2 * h], p.scale_log2, -mx_scaled));
-          s[mt][j][2 * h + 1] = exp2f(fmaf(s[mt][j][2 * h + 1], p.scale_log2, -mx_scaled));
+          s[mt][j][2 * h] = exp2_approx(fmaf(s[mt][j][2 * h], p.scale_log2, -mx_scaled));
+          s[mt][j][2 * h + 1] = exp2_approx(fmaf(s[mt][j][2 * h + 1], p.scale_log2, -mx_scaled));
           row_sum[mt][h] += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
         }
       }
