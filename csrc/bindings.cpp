@@ -8,6 +8,11 @@
 
 namespace py = pybind11;
 
+#ifdef L3K_EMU
+#include <string>
+std::string emu_selftest(const std::string& name, std::uintptr_t out, std::uintptr_t src);  // csrc/emu/selftest.cpp
+#endif
+
 #ifndef L3K_MODULE
 #define L3K_MODULE _C  // the CPU emulator (csrc/emu/build.py) builds these bindings as _C_emu
 #endif
@@ -24,6 +29,8 @@ PYBIND11_MODULE(L3K_MODULE, m) {
 
 #ifdef L3K_EMU
   m.def("emu_launches", &emu::launches, "kernels the CPU emulator ran since the module loaded");
+  m.def("emu_selftest", &emu_selftest, "run one of csrc/emu/selftest.cpp's rule-breaking kernels", py::arg("name"),
+        py::arg("out"), py::arg("src") = 0);
 #endif
 
   // ---- norm family: csrc/norm/ -------------------------------------------------------------------

@@ -79,6 +79,7 @@ def emulated(route_ops: bool = False):
         "use_cuda_kernel": _use_kernel,
         "_max_cluster": lambda index, d, dtype_code, rows: module().decode_attn_max_cluster(d, dtype_code, rows),
     }
+
     def poisoned(make):
         def wrapped(*args, **kwargs):  # outputs the kernels must write start as NaN
             t = make(*args, **kwargs)

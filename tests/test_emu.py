@@ -463,3 +463,27 @@ def test_llama32_1b_attention_heads_fwd_bwd(gen):
     lows = _lowp_grads(q, k, v, dout, True, d**-0.5)
     for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
         _assert_within(name, g, ref, low, gen.initial_seed())
+
+
+# ------------------------------------------------------------------------------------- the emulator's own checks
+@pytest.mark.parametrize(
+    "name,message",
+    [("deadlock", "deadlock"), ("divergent", "different collectives"), ("exited_peer", "has exited"),
+     ("smem_without_opt_in", "opt-in")],
+)  # fmt: skip
+def test_emulator_reports_rule_breaking_kernels(name, message):
+    """csrc/emu/selftest.cpp's kernels each break one rule a GPU would hang, fault or misbehave on."""
+    out = torch.zeros(64)
+    with pytest.raises(RuntimeError, match=message):
+        emu.module().emu_selftest(name, out.data_ptr())
+
+
+def test_emulator_poisons_unwritten_and_in_flight_shared_memory():
+    out = torch.zeros(32)
+    emu.module().emu_selftest("uninit_shared", out.data_ptr())
+    assert out.isnan().all()  # shared memory no thread wrote
+    src = torch.arange(4, dtype=torch.float32)
+    out = torch.zeros(8)
+    emu.module().emu_selftest("cp_async", out.data_ptr(), src.data_ptr())
+    assert out[:4].isnan().all(), "a cp.async destination read before its wait"
+    assert torch.equal(out[4:], src), "after cp.async.wait_group the data has landed"

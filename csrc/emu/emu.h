@@ -88,8 +88,9 @@ auto launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaSt
 }
 
 // ------------------------------------------------------------------------------------------- warp primitives
+// Not inlined, so that its return address names the call site (lanes at different shuffles are an error).
 template <typename T>
-T shfl(unsigned mask, T v, int lane_arg, int width, int mode) {  // mode 0: xor, 1: index, 2: down, 3: up
+__attribute__((noinline)) T shfl(unsigned mask, T v, int lane_arg, int width, int mode) {  // 0 xor, 1 idx, 2 down, 3 up
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   struct In {
     T v;
