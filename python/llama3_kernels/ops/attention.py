@@ -289,7 +289,8 @@ def flash_attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_k: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Exact softmax attention with GQA, causal masks and packed documents. Differentiable.
+    """Exact softmax attention with GQA, causal masks and packed documents. Differentiable: on the GPU the backward
+    sums dQ with atomics (last bits vary from run to run) unless torch.use_deterministic_algorithms(True) is on.
 
     Args:
         q: [B, S, Hq, D] padded, or [T, Hq, D] packed with `cu_seqlens`. fp32, fp16 or bf16.
