@@ -32,6 +32,7 @@ import torch
 def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
     """case name → (launchers it exercises, zero-argument callable)."""
     import llama3_kernels.ops as ops
+    from llama3_kernels.bench.harness import env_set
 
     bf16 = torch.bfloat16
 
@@ -67,8 +68,6 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
             ops.fp8_rowwise_mm(xq, xs, wq, ws, bias=r(272))
 
     def attention(d: int):
-        from llama3_kernels.bench.harness import env_set
-
         q, k, v = r(2, 77, 8, d, grad=True), r(2, 77, 2, d, grad=True), r(2, 77, 2, d, grad=True)
         out = ops.flash_attention(q, k, v, causal=True)
         torch.autograd.grad(out, (q, k, v), torch.randn_like(out))  # dQ fused into dK/dV (the default)
@@ -82,8 +81,6 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
         torch.autograd.grad(out, (qp, kp, vp), torch.randn_like(out))
 
     def decode(d: int):
-        from llama3_kernels.bench.harness import env_set
-
         q, kc, vc = r(3, 1, 8, d), r(3, 300, 2, d), r(3, 300, 2, d)
         lens = torch.tensor([1, 150, 300], dtype=torch.int32, device=dev)
         ops.decode_attention(q, kc, vc, lens)  # 5 splits merged in a cluster
@@ -109,7 +106,6 @@ def _cases(dev: torch.device) -> dict[str, tuple[tuple[str, ...], object]]:
 
     def attention_sm90():
         from llama3_kernels.bench.bench_attention import SM90_ENV, sm90_skip
-        from llama3_kernels.bench.harness import env_set
 
         if reason := sm90_skip(None):  # bench/device_check.sh: a kernel failed its standalone check
             print(f"flash_attention sm90: skipped, {reason}")

@@ -88,8 +88,8 @@ def _lowp_grads(q, k, v, dout, causal, scale, cu=None, cu_k=None):
         return torch.autograd.grad(out, (ql, kl, vl), dout)
 
 
-def _doc_offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+def _doc_offsets(lengths: list[int], device: str = "cuda") -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def _random_docs(gen: torch.Generator, n: int, longest: int) -> list[int]:

@@ -22,7 +22,7 @@ import importlib
 import emu
 import pytest
 import torch
-from test_attention_cuda import _assert_within, _fp32_grads, _lowp_grads
+from test_attention_cuda import _assert_within, _doc_offsets, _fp32_grads, _lowp_grads
 
 from llama3_kernels import reference
 from llama3_kernels.ops import attention, linear, loss, norm, quant
@@ -90,6 +90,18 @@ def test_flash_fwd_bwd(gen, d, causal, deterministic):
 FUSED_TILINGS = ["1", "0"]  # L3K_BWD_TWO_MTILES: the D = 64 fused dQ with two key m-tiles a warp, or one
 
 
+def _assert_bwd_within(gen, dout, q, k, v, out, lse, cu, cu_k, mq, mk, causal, scale, paths=(True, False)):
+    """The emulated backward (the dq-kernel path, the fused-dQ path, or both) against the fp32 reference, within twice
+    the error of the same math in the inputs' precision (as tests/test_attention_cuda.py judges the GPU's)."""
+    refs = _fp32_grads(q, k, v, dout, causal, scale, cu, cu_k)
+    lows = _lowp_grads(q, k, v, dout, causal, scale, cu, cu_k)
+    for deterministic in paths:
+        got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, cu, cu_k, mq, mk, causal, scale,
+                      deterministic)  # fmt: skip
+        for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
+            _assert_within(f"{name} (deterministic={deterministic})", g, ref, low, gen.initial_seed())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "sq,sk,causal",
@@ -108,15 +120,8 @@ def test_flash_bwd_partial_tiles(gen, dtype, sq, sk, causal, two_mtiles, monkeyp
     q[0, 0] = -2.0
     dout = _randn(gen, 1, sq, hq, d, dtype=dtype)
     out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, None, None, sq, sk, causal, d**-0.5)
-    # K nearly constant makes dQ = Σ dS K cancel: judged as tests/test_attention_cuda.py does, against twice the
-    # error of the same math done in the inputs' precision
-    refs = _fp32_grads(q, k, v, dout, causal, d**-0.5)
-    lows = _lowp_grads(q, k, v, dout, causal, d**-0.5)
-    for deterministic in (True, False):
-        got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, None, None, sq, sk, causal, d**-0.5,
-                      deterministic)  # fmt: skip
-        for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
-            _assert_within(f"{name} (deterministic={deterministic})", g, ref, low, gen.initial_seed())
+    # K nearly constant makes dQ = Σ dS K cancel: hence the low-precision yardstick, not a fixed tolerance
+    _assert_bwd_within(gen, dout, q, k, v, out, lse, None, None, sq, sk, causal, d**-0.5)
 
 
 @pytest.mark.parametrize("two_mtiles", FUSED_TILINGS)
@@ -124,24 +129,18 @@ def test_flash_bwd_varlen_empty_documents(gen, two_mtiles, monkeypatch):
     """Packed documents with their own key offsets: empty ones, one with queries and no keys, keys past queries."""
     monkeypatch.setenv("L3K_BWD_TWO_MTILES", two_mtiles)
     q_lens, k_lens = [0, 3, 90, 5, 0, 40], [4, 0, 130, 5, 0, 71]
-    cu, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (q_lens, k_lens))
+    cu, cu_k = _doc_offsets(q_lens, "cpu"), _doc_offsets(k_lens, "cpu")
     hq, hkv, d = 8, 2, 64
     q, dout = _randn(gen, sum(q_lens), hq, d), _randn(gen, sum(q_lens), hq, d)
     k, v = _randn(gen, sum(k_lens), hkv, d), _randn(gen, sum(k_lens), hkv, d)
     mq, mk = max(q_lens), max(k_lens)
     out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, cu, cu_k, mq, mk, True, 0.125)
-    refs = _fp32_grads(q, k, v, dout, True, 0.125, cu, cu_k)
-    lows = _lowp_grads(q, k, v, dout, True, 0.125, cu, cu_k)
-    for deterministic in (True, False):
-        got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, cu, cu_k, mq, mk, True, 0.125,
-                      deterministic)  # fmt: skip
-        for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
-            _assert_within(f"{name} (deterministic={deterministic})", g, ref, low, gen.initial_seed())
+    _assert_bwd_within(gen, dout, q, k, v, out, lse, cu, cu_k, mq, mk, True, 0.125)
 
 
 def test_flash_varlen(gen):
     lens = [5, 64, 1, 130]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu = _doc_offsets(lens, "cpu")
     t, hq, hkv, d = sum(lens), 4, 1, 64
     q, k, v = _randn(gen, t, hq, d), _randn(gen, t, hkv, d), _randn(gen, t, hkv, d)
     out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, cu, cu, max(lens), max(lens), True, 0.125)
@@ -248,6 +247,12 @@ def test_decode_gemv(gen, prologue, m):
         assert torch.equal(h, h_ref), "h (x + residual) differs from the reference's rounding"
 
 
+def _rot_pairs(gen, pos, d):
+    """RoPE tables as the kernels take them: [..., d/2, 2] fp32 (cos, sin) at random frequencies for `pos`."""
+    angles = pos[..., None].double() * torch.rand(d // 2, generator=gen, dtype=torch.float64)
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).float().contiguous()
+
+
 @pytest.mark.parametrize("b,s,hq,hkv,d", [(1, 1, 32, 8, 64), (2, 2, 4, 2, 128), (3, 1, 6, 3, 64)])
 def test_decode_qkv_rope_cache_equals_unfused(gen, b, s, hq, hkv, d):
     """The q/k/v GEMV's RoPE + cache epilogue gives the bits of the GEMV followed by rope_kv_cache."""
@@ -256,8 +261,7 @@ def test_decode_qkv_rope_cache_equals_unfused(gen, b, s, hq, hkv, d):
     x, w, res = _randn(gen, m, k), _randn(gen, n, k, scale=0.1), _randn(gen, m, k)
     g = 1 + _randn(gen, k, scale=0.5)
     pos = torch.randint(0, length - s, (b, 1), generator=gen) + torch.arange(s)
-    angles = pos[..., None].double() * torch.rand(d // 2, generator=gen, dtype=torch.float64)
-    rot = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).float().contiguous()  # [b, s, d/2, 2]
+    rot = _rot_pairs(gen, pos, d)
     kc1, vc1 = (torch.full((b, length, hkv, d), float("nan"), dtype=torch.bfloat16) for _ in range(2))
     kc2, vc2 = kc1.clone(), vc1.clone()
     q1, h1 = emu.run(linear._decode_qkv_rope_cache_cuda, x, w, res, g, 1e-5, rot, pos, kc1, vc1, hq)
@@ -424,8 +428,7 @@ def test_llama32_1b_decode_shapes(gen):
     g = 1 + _randn(gen, dim, scale=0.3)
     wqkv = _randn(gen, (hq + 2 * hkv) * d, dim, scale=0.03)
     pos = torch.tensor([[length - 1]])
-    angles = pos[..., None].double() * torch.rand(d // 2, generator=gen, dtype=torch.float64)
-    rot = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).float().contiguous()
+    rot = _rot_pairs(gen, pos, d)
     kc, vc = _randn(gen, 1, length, hkv, d), _randn(gen, 1, length, hkv, d)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     q, h = emu.run(linear._decode_qkv_rope_cache_cuda, x.view(1, dim), wqkv, res.view(1, dim), g, 1e-5, rot, pos, kc,
@@ -458,11 +461,7 @@ def test_llama32_1b_attention_heads_fwd_bwd(gen):
     out, lse = emu.run(attention._flash_attn_fwd_cuda, q, k, v, None, None, s, s, True, d**-0.5)
     ro, _ = reference.flash_attention(q.float(), k.float(), v.float(), True, d**-0.5, None, None)
     _close("out", out, ro, atol=4e-3, rtol=2e-2)
-    got = emu.run(attention._flash_attn_bwd_cuda, dout, q, k, v, out, lse, None, None, s, s, True, d**-0.5, False)
-    refs = _fp32_grads(q, k, v, dout, True, d**-0.5)
-    lows = _lowp_grads(q, k, v, dout, True, d**-0.5)
-    for name, g, ref, low in zip(("dq", "dk", "dv"), got, refs, lows):
-        _assert_within(name, g, ref, low, gen.initial_seed())
+    _assert_bwd_within(gen, dout, q, k, v, out, lse, None, None, s, s, True, d**-0.5, paths=(False,))
 
 
 # ------------------------------------------------------------------------------------- the emulator's own checks

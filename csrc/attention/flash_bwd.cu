@@ -467,17 +467,16 @@ struct RunBwd {
     dot_do_o_kernel<T, D><<<dim3(unsigned((q_rows + 7) / 8)), 256, 0, stream>>>(p, q_rows);
     L3K_CHECK_LAUNCH("dot_do_o_kernel");
 
-    const dim3 grid_dkdv(cdiv(max_seqlen_k, 64), p.hq / p.group, batch);  // DkdvTile::BN
+    const dim3 grid_dkdv(cdiv(max_seqlen_k, DkdvTile<D, 1>::BN), p.hq / p.group, batch);  // (BN = 64 either tiling)
     if (p.dq_accum != nullptr) {  // fused dQ: dkdv sums dQ into the zeroed workspace, then scale and round
       const int64_t n = q_rows * D;
       check_cuda(cudaMemsetAsync(p.dq_accum, 0, n * sizeof(float), stream), "flash_bwd: memset dq_accum");
-      bool two_mtiles = false;  // D = 64 only: its dK, dV accumulators leave room
-      if constexpr (D == 64) two_mtiles = !env_switch_off("L3K_BWD_TWO_MTILES");
-      if constexpr (D == 64) {
-        if (two_mtiles) launch_dkdv<T, D, true, 2>(p, grid_dkdv, stream);
-      }
-      if (!two_mtiles) launch_dkdv<T, D, true, 1>(p, grid_dkdv, stream);
-      const int64_t n4 = n / 4, blocks = std::min<int64_t>(cdiv(int(std::min<int64_t>(n4, 1 << 30)), 256), 8192);
+      // two m-tiles a warp at D = 64 only, where the dK, dV accumulators leave room (the `D == 64 ? 2 : 1` keeps
+      // D = 128 from instantiating a two-m-tile kernel it never launches)
+      constexpr int kTwo = D == 64 ? 2 : 1;
+      if (D == 64 && !env_switch_off("L3K_BWD_TWO_MTILES")) launch_dkdv<T, D, true, kTwo>(p, grid_dkdv, stream);
+      else launch_dkdv<T, D, true, 1>(p, grid_dkdv, stream);
+      const int64_t n4 = n / 4, blocks = std::min<int64_t>((n4 + 255) / 256, 8192);
       dq_convert_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n4,
                                                                       p.scale);
       L3K_CHECK_LAUNCH("dq_convert_kernel");
@@ -505,6 +504,7 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
                     std::uintptr_t dq_accum) {
   using namespace attn;
   require(dq_accum == 0 || !deterministic, "dq_accum", "the fused dQ sums with atomics: not deterministic");
+  require(dq_accum % 16 == 0, "dq_accum", "expected a 16-byte aligned fp32 workspace");
   (void)num_sms;
   const DType dt = to_dtype(dtype, "dtype");
   require(dt == DType::BF16 || dt == DType::F16, "dtype", "expected bf16 or fp16, got code " + std::to_string(dtype));
@@ -544,7 +544,6 @@ void flash_attn_bwd(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std
   p.dsum = as_ptr<float>(dsum);
   p.dq = as_ptr<void>(dq);
   p.dq_accum = as_ptr<float>(dq_accum);
-  require(dq_accum == 0 || dq_accum % 16 == 0, "dq_accum", "expected a 16-byte aligned fp32 workspace");
   p.dk = as_ptr<void>(dk);
   p.dv = as_ptr<void>(dv);
   p.cu_q = as_ptr<const int>(cu_seqlens);

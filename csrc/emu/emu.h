@@ -186,20 +186,20 @@ cudaError_t func_set_attribute(K kernel, cudaFuncAttribute attr, int value) {
 }
 template <typename K>
 cudaError_t occupancy_blocks(int* n, K, int, size_t) { *n = 2; return cudaSuccess; }
+// A launch configuration's cluster size along x (1: no cluster attribute).
+inline unsigned cluster_x(const cudaLaunchConfig_t* cfg) {
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) return cfg->attrs[i].val.clusterDim.x;
+  return 1;
+}
 template <typename K>
 cudaError_t occupancy_clusters(int* n, K, const cudaLaunchConfig_t* cfg) {
-  unsigned c = 1;
-  for (unsigned i = 0; i < cfg->numAttrs; ++i)
-    if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) c = cfg->attrs[i].val.clusterDim.x;
-  *n = int(c) <= max_cluster() ? 1 : 0;
+  *n = int(cluster_x(cfg)) <= max_cluster() ? 1 : 0;
   return cudaSuccess;
 }
 template <typename... P, typename... A>
 cudaError_t launch_ex(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A... args) {
-  unsigned c = 1;
-  for (unsigned i = 0; i < cfg->numAttrs; ++i)
-    if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) c = cfg->attrs[i].val.clusterDim.x;
-  run_kernel(kernel, cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, c, args...);
+  run_kernel(kernel, cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cluster_x(cfg), args...);
   return cudaSuccess;
 }
 inline cudaError_t memset_async(void* p, int v, size_t n, cudaStream_t = nullptr) {

@@ -194,10 +194,12 @@ float half_bits_to_float(uint16_t bits, bool bf16) {
   return __half2float(h);
 }
 
-// A shared-memory range [addr, addr + n) of the calling CTA: inside what it has (dynamic + declared statics).
-unsigned char* shared_range(uint32_t addr, size_t n, const char* what) {
+// The 16-byte row at `addr` of the calling CTA's shared memory, as ldmatrix, stmatrix and cp.async address it:
+// 16-byte aligned, inside what the CTA has (dynamic + declared statics). `what` names the access in the error.
+unsigned char* shared_row16(uint32_t addr, const char* what) {
   Cta& c = *cur().cta;
-  if (addr + n > c.used) fail(what);
+  if (addr % 16 != 0) fail((std::string(what) + " not 16-byte aligned").c_str());
+  if (addr + 16 > c.used) fail((std::string(what) + " outside the CTA's shared memory").c_str());
   return c.arena.get() + addr;
 }
 
@@ -318,9 +320,7 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
   } in{addr, trans};
   warp_collective(0xffffffffu, &in, r, [](void* const* ins, void* const* outs, unsigned) {
     auto row = [&](int lane) {  // the 8 halves lane `lane` addresses
-      const uint32_t a = static_cast<In*>(ins[lane])->addr;
-      if (a % 16 != 0) fail("ldmatrix: a row address not 16-byte aligned");
-      return reinterpret_cast<const uint16_t*>(shared_range(a, 16, "ldmatrix: a row outside the CTA's shared memory"));
+      return reinterpret_cast<const uint16_t*>(shared_row16(static_cast<In*>(ins[lane])->addr, "ldmatrix: a row"));
     };
     const bool tr = static_cast<In*>(ins[0])->trans;
     for (int l = 0; l < 32; ++l)
@@ -351,9 +351,7 @@ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
   int dummy = 0;
   warp_collective(0xffffffffu, &in, &dummy, [](void* const* ins, void* const*, unsigned) {
     auto row = [&](int lane) {  // the 8 halves of the destination row lane `lane` addresses
-      const uint32_t a = static_cast<In*>(ins[lane])->addr;
-      if (a % 16 != 0) fail("stmatrix: a row address not 16-byte aligned");
-      return reinterpret_cast<uint16_t*>(shared_range(a, 16, "stmatrix: a row outside the CTA's shared memory"));
+      return reinterpret_cast<uint16_t*>(shared_row16(static_cast<In*>(ins[lane])->addr, "stmatrix: a row"));
     };
     for (int l = 0; l < 32; ++l) {  // lane l holds (row l/4, columns 2(l%4), +1) of each matrix j
       const In& x = *static_cast<In*>(ins[l]);
@@ -407,9 +405,8 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 // cp.async: the destination reads as 0xFF bytes from the issue until a wait completes the copy's group, so a read
 // before the wait, or a refill of a buffer still being read, shows as NaN. The source is read at the issue.
 void cp_async16(uint32_t dst, const void* src, bool pred) {
-  if (dst % 16 != 0) fail("cp.async: destination not 16-byte aligned");
   if (pred && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: source not 16-byte aligned");
-  unsigned char* d = shared_range(dst, 16, "cp.async: destination outside the CTA's shared memory");
+  unsigned char* d = shared_row16(dst, "cp.async: destination");
   PendingCopy copy{dst, {}};
   if (pred) std::memcpy(copy.data, src, 16);
   std::memset(d, 0xFF, 16);
